@@ -1,0 +1,1 @@
+"""Reusable numerics with no model knowledge."""
