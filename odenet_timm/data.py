@@ -1,0 +1,114 @@
+"""Datasets: the embedded ``digits`` dataset and one factory for everything training and evaluation read.
+
+``digits`` is scikit-learn's handwritten digits (1,797 real 8×8 grey images, shipped inside scikit-learn, so
+every command runs offline), upsampled to 32×32 RGB so that CIFAR models, timm transforms and the attacks
+apply to it unchanged. CIFAR-10/-100 go through timm's ``create_dataset('torch/cifar10', ...)``; any other
+name that is a directory is read as an ImageFolder tree (``DIR/train/<class>/*.png``,
+``DIR/validation/<class>/*.png``; ``val``/``test`` also accepted for the evaluation split).
+"""
+import os
+from typing import Callable, List, Optional
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ['DigitsDataset', 'DatasetNotFoundError', 'create_dataset', 'dataset_classes', 'DATASET_NAMES']
+
+DATASET_NAMES = ('digits', 'torch/cifar10', 'torch/cifar100')
+_SPLITS = ('train', 'validation')
+_CIFAR_FOLDERS = {'torch/cifar10': 'cifar-10-batches-py', 'torch/cifar100': 'cifar-100-python'}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset that is not on disk (and was not asked to be downloaded), or an unknown dataset name."""
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's ``digits`` as ``(PIL.Image 32×32 RGB, int label)`` pairs.
+
+    Split (fixed, independent of library versions and seeds): sample ``i`` of ``load_digits()`` belongs to
+    ``'validation'`` when ``i % 5 == 4``, otherwise to ``'train'`` — 1,438 training and 359 validation
+    images, every class present in both. Pixels: the 0..16 intensities scaled to 0..255, upsampled 8×8 → 32×32
+    bilinearly, replicated to three channels.
+    """
+    classes = [str(d) for d in range(10)]
+
+    def __init__(self, split: str = 'train', transform: Optional[Callable] = None):
+        if split not in _SPLITS:
+            raise ValueError(f"DigitsDataset split must be one of {_SPLITS}, got {split!r}")
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        index = np.arange(len(digits.target))
+        keep = (index % 5 == 4) if split == 'validation' else (index % 5 != 4)
+        grey = np.clip(np.round(digits.images[keep] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        self.images = [
+            Image.fromarray(g, mode='L').resize((32, 32), Image.BILINEAR).convert('RGB') for g in grey
+        ]
+        self.targets: List[int] = [int(t) for t in digits.target[keep]]
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, idx: int):
+        img = self.images[idx]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[idx]
+
+
+def create_dataset(
+        name: str = 'digits',
+        root: Optional[str] = None,
+        split: str = 'train',
+        download: bool = False,
+        transform: Optional[Callable] = None,
+) -> Dataset:
+    """The dataset ``name`` (``'digits'``, ``'torch/cifar10'``, ``'torch/cifar100'`` or an ImageFolder
+    directory) for ``split`` ∈ {``'train'``, ``'validation'``}.
+
+    Raises :class:`DatasetNotFoundError` with the way to get the data when it is not on disk.
+    """
+    if split not in _SPLITS:
+        raise ValueError(f'split must be one of {_SPLITS}, got {split!r}')
+    if name == 'digits':
+        return DigitsDataset(split, transform=transform)
+
+    import timm.data
+    if name in _CIFAR_FOLDERS:
+        root = root or 'data'
+        folder = os.path.join(root, _CIFAR_FOLDERS[name])
+        if not download and not os.path.isdir(folder):
+            raise DatasetNotFoundError(
+                f'{name} is not in {os.path.abspath(folder)}. Pass --download (needs internet) to fetch it into '
+                f'--data-dir {root}, or extract the python version of the archive (https://www.cs.toronto.edu/'
+                f'~kriz/cifar.html) there.')
+        try:
+            return timm.data.create_dataset(name, root=root, split=split, download=download, transform=transform)
+        except RuntimeError as e:  # torchvision: 'Dataset not found or corrupted'
+            raise DatasetNotFoundError(f'{name} in {os.path.abspath(folder)} is incomplete or corrupted ({e}); '
+                                       f'delete it and pass --download, or extract a fresh copy there') from e
+
+    if os.path.isdir(name):
+        candidates = [os.path.join(name, s) for s in ((split,) if split == 'train' else ('validation', 'val', 'test'))]
+        split_dir = next((c for c in candidates if os.path.isdir(c)), None)
+        if split_dir is None:
+            raise DatasetNotFoundError(
+                f'ImageFolder {os.path.abspath(name)} has no {split} split: expected one of '
+                f'{", ".join(os.path.basename(c) for c in candidates)} holding one sub-directory per class')
+        return timm.data.create_dataset('', root=split_dir, split=split, search_split=False, transform=transform)
+
+    raise DatasetNotFoundError(
+        f'unknown dataset {name!r}: expected one of {", ".join(DATASET_NAMES)} or an existing ImageFolder directory')
+
+
+def dataset_classes(dataset: Dataset) -> List[str]:
+    """Class names of a dataset built by :func:`create_dataset`, in label order."""
+    if hasattr(dataset, 'classes'):
+        return list(dataset.classes)
+    class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if class_to_idx:
+        return [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+    raise ValueError(f'cannot tell the classes of {type(dataset).__name__}')

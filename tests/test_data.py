@@ -1,0 +1,81 @@
+"""Dataset factory: the embedded digits dataset, and the real CIFAR / ImageFolder paths on local files."""
+import pickle
+
+import numpy as np
+import pytest
+import torchvision
+from PIL import Image
+
+from odenet_timm.data import DatasetNotFoundError, DigitsDataset, create_dataset, dataset_classes
+
+
+def test_digits_split_is_fixed_and_documented():
+    train, val = DigitsDataset('train'), DigitsDataset('validation')
+    assert (len(train), len(val)) == (1438, 359)
+    assert sorted(set(train.targets)) == sorted(set(val.targets)) == list(range(10))
+    img, label = val[0]
+    assert isinstance(img, Image.Image) and img.size == (32, 32) and img.mode == 'RGB'
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    assert label == digits.target[4] and train[4][1] == digits.target[5]  # sample 4 → validation
+    pixels = np.asarray(img)
+    assert pixels.dtype == np.uint8 and pixels.max() > 200 and np.array_equal(pixels[..., 0], pixels[..., 2])
+    assert np.array_equal(np.asarray(DigitsDataset('validation')[0][0]), pixels)  # deterministic
+    with pytest.raises(ValueError, match='split'):
+        DigitsDataset('test')
+
+
+def test_digits_take_timm_transforms():
+    from timm.data import create_transform
+    ds = create_dataset('digits', split='validation', transform=create_transform((3, 32, 32), crop_pct=1.0))
+    x, y = ds[0]
+    assert tuple(x.shape) == (3, 32, 32) and isinstance(y, int)
+    assert dataset_classes(ds) == [str(d) for d in range(10)]
+
+
+def _write_fake_cifar10(root, n=6):
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8), 'labels': list(range(n))}
+        with open(folder / name, 'wb') as f:
+            pickle.dump(batch, f)
+    with open(folder / 'batches.meta', 'wb') as f:
+        pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
+
+
+def test_cifar_is_read_through_timm_from_local_files(tmp_path, monkeypatch):
+    _write_fake_cifar10(tmp_path)
+    # the md5 check can only pass on the real archive; everything after it is the real loading code
+    monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda path, md5=None: True)
+    train = create_dataset('torch/cifar10', root=str(tmp_path), split='train')
+    val = create_dataset('torch/cifar10', root=str(tmp_path), split='validation')
+    assert (len(train), len(val)) == (30, 6)
+    img, label = val[2]
+    assert img.size == (32, 32) and label == 2
+    assert dataset_classes(train) == [f'class{i}' for i in range(10)]
+
+
+def test_missing_or_corrupt_cifar_says_how_to_get_it(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match='Pass --download'):
+        create_dataset('torch/cifar100', root=str(tmp_path))
+    _write_fake_cifar10(tmp_path)  # the md5 check fails on these files
+    with pytest.raises(DatasetNotFoundError, match='incomplete or corrupted'):
+        create_dataset('torch/cifar10', root=str(tmp_path))
+
+
+def test_image_folder(tmp_path):
+    for split in ('train', 'val'):
+        for cls in ('cat', 'dog', 'emu'):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new('RGB', (32, 32), (10, 20, 30)).save(tmp_path / split / cls / 'a.png')
+    ds = create_dataset(str(tmp_path), split='validation')
+    assert len(ds) == 3 and dataset_classes(ds) == ['cat', 'dog', 'emu']
+    img, label = ds[1]
+    assert label == 1 and img.size == (32, 32)
+    (tmp_path / 'val').rename(tmp_path / 'other')
+    with pytest.raises(DatasetNotFoundError, match='no validation split'):
+        create_dataset(str(tmp_path), split='validation')
+    with pytest.raises(DatasetNotFoundError, match='unknown dataset'):
+        create_dataset('no/such/thing')
