@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""Side-by-side model benchmark: parameters, train-step and eval throughput, peak train-step memory.
+
+Each configuration is measured in its own subprocess (so one model's allocations cannot pollute another's
+peak), all configurations are measured in the same run, round-robin over ``--rounds`` rounds, and the median
+over rounds is reported together with ratios against a named baseline.
+
+    python benchmarks/bench_models.py cifar_resnet_110 inresnet_110
+    python benchmarks/bench_models.py hamiltonian_218 hamiltonian_218:memory_efficient=false \\
+        --baseline cifar_resnet_110 --batch-size 128
+
+A configuration is ``MODEL`` or ``MODEL:key=value,key=value`` (values parsed as YAML: ``false``, ``0.5``,
+``[8,8,8]``), passed as kwargs to ``timm.create_model``.
+
+Memory: on CPU the process's resident-set peak during the train steps minus its peak right after building
+the model, data and optimizer (``ru_maxrss``); on CUDA ``torch.cuda.max_memory_allocated`` during the train
+steps minus the memory allocated after building. Either way it is what one train step adds: activations,
+gradients, optimizer state and workspace.
+
+Models that expose ``solver_stats()`` (implicit networks) get its numeric fields averaged over the timed
+train steps as extra columns. Prints JSON and a Markdown table; writes the JSON to ``--json``.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_TIME_KEYS = ('train_step_ms', 'train_img_s', 'eval_img_s')
+
+
+def parse_spec(spec: str):
+    """``'name:a=1,b=false'`` → ``('name', {'a': 1, 'b': False})``."""
+    import yaml
+    name, _, arg_text = spec.partition(':')
+    items, depth, current = [], 0, ''
+    for char in arg_text:  # split on the commas that are not inside [...] or {...}
+        depth += char in '[{'
+        depth -= char in ']}'
+        if char == ',' and depth == 0:
+            items.append(current)
+            current = ''
+        else:
+            current += char
+    items.append(current)
+    kwargs = {}
+    for item in filter(None, items):
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f'bad model kwarg {item!r} in {spec!r}: expected key=value')
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return name, kwargs
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, device: str) -> dict:
+    """Build one configuration and measure it in this process."""
+    import timm
+    import torch
+    import odenet_timm  # noqa: F401  (registers the models)
+
+    name, kwargs = parse_spec(spec)
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).to(device).train()
+    in_chans = model.pretrained_cfg['input_size'][0]
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    cuda = device.startswith('cuda')
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def train_step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    solver_fields = {}
+
+    def record_solver_stats():
+        stats = model.solver_stats() if hasattr(model, 'solver_stats') else {}
+        for key, value in stats.items():
+            if isinstance(value, (int, float, bool)):
+                solver_fields.setdefault(key, []).append(float(value))
+
+    sync()
+    if cuda:
+        base_mem = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base_mem = _peak_rss_mb()
+    for _ in range(warmup):
+        train_step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+        record_solver_stats()
+    sync()
+    train_s = (time.perf_counter() - start) / steps
+    if cuda:
+        peak_mb = (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
+    else:
+        peak_mb = _peak_rss_mb() - base_mem
+
+    model.eval()
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(x)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        sync()
+        eval_s = (time.perf_counter() - start) / steps
+
+    return {
+        'config': spec,
+        'model': name,
+        'kwargs': kwargs,
+        'params': sum(p.numel() for p in model.parameters()),
+        'train_step_ms': 1000 * train_s,
+        'train_img_s': batch_size / train_s,
+        'eval_img_s': batch_size / eval_s,
+        'peak_train_mem_mb': peak_mb,
+        'solver': {k: statistics.mean(v) for k, v in solver_fields.items()},
+        'device': torch.cuda.get_device_name() if cuda else f'cpu ({torch.get_num_threads()} threads)',
+    }
+
+
+def run_in_subprocess(spec: str, args) -> dict:
+    cmd = [
+        sys.executable, __file__, '--worker', spec, '--batch-size', str(args.batch_size),
+        '--img-size', str(args.img_size), '--steps', str(args.steps), '--warmup', str(args.warmup),
+        '--device', args.device,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        return {'config': spec, 'error': proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'failed'}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def aggregate(runs: list) -> dict:
+    """Median over rounds of the timing and memory figures; the rest from the first round."""
+    ok = [r for r in runs if 'error' not in r]
+    if not ok:
+        return runs[0]
+    row = dict(ok[0])
+    for key in _TIME_KEYS + ('peak_train_mem_mb',):
+        row[key] = statistics.median(r[key] for r in ok)
+    row['rounds'] = len(ok)
+    return row
+
+
+def add_ratios(rows: list, baseline: str) -> None:
+    base = next((r for r in rows if r['config'] == baseline and 'error' not in r), None)
+    for row in rows:
+        if base is None or 'error' in row:
+            continue
+        row['step_time_ratio'] = row['train_step_ms'] / base['train_step_ms']
+        row['eval_time_ratio'] = base['eval_img_s'] / row['eval_img_s']
+        row['memory_ratio'] = row['peak_train_mem_mb'] / base['peak_train_mem_mb'] if base['peak_train_mem_mb'] > 0 else None
+
+
+def markdown_table(rows: list, baseline: str) -> str:
+    solver_keys = sorted({k for r in rows for k in r.get('solver', {})})
+    header = ['config', 'params', 'train img/s', 'eval img/s', 'train step ms', 'peak train mem MB',
+              f'step time / {baseline}', f'eval time / {baseline}', f'memory / {baseline}'] + solver_keys
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+
+    def fmt(value, spec):
+        return format(value, spec) if isinstance(value, (int, float)) else '–'
+
+    for r in rows:
+        if 'error' in r:
+            lines.append(f"| {r['config']} | error: {r['error']} |" + ' |' * (len(header) - 2))
+            continue
+        cells = [r['config'], f"{r['params']:,}", fmt(r['train_img_s'], '.1f'), fmt(r['eval_img_s'], '.1f'),
+                 fmt(r['train_step_ms'], '.1f'), fmt(r['peak_train_mem_mb'], '.1f'),
+                 fmt(r.get('step_time_ratio'), '.3f'), fmt(r.get('eval_time_ratio'), '.3f'),
+                 fmt(r.get('memory_ratio'), '.3f')]
+        cells += [fmt(r.get('solver', {}).get(k), '.2f') for k in solver_keys]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('configs', nargs='*', help='MODEL or MODEL:key=value,... (see above)')
+    parser.add_argument('--baseline', default='cifar_resnet_110', help='configuration the ratios are against')
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--steps', type=int, default=5, help='timed steps per measurement')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed steps before timing')
+    parser.add_argument('--rounds', type=int, default=3, help='round-robin repetitions; the median is reported')
+    parser.add_argument('--device', default='cuda' if _cuda_available() else 'cpu')
+    parser.add_argument('--timeout', type=float, default=3600, help='seconds per measurement subprocess')
+    parser.add_argument('--json', default='benchmarks/results/bench_models.json', help='where to write the JSON')
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.batch_size, args.img_size, args.steps, args.warmup, args.device)))
+        return 0
+    if not args.configs:
+        parser.error('name at least one model configuration')
+    configs = list(dict.fromkeys(([args.baseline] if args.baseline not in args.configs else []) + args.configs))
+    for spec in configs:
+        parse_spec(spec)  # fail on a malformed spec before any measurement
+    runs = {spec: [] for spec in configs}
+    for round_idx in range(args.rounds):
+        for spec in configs:
+            print(f'[round {round_idx + 1}/{args.rounds}] {spec}', file=sys.stderr, flush=True)
+            runs[spec].append(run_in_subprocess(spec, args))
+    rows = [aggregate(runs[spec]) for spec in configs]
+    add_ratios(rows, args.baseline)
+    result = {
+        'settings': {k: v for k, v in vars(args).items() if k not in ('worker', 'configs')},
+        'rows': rows,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    print()
+    print(markdown_table(rows, args.baseline))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + '\n')
+    return 1 if any('error' in r for r in rows) else 0
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The benchmark harness runs end to end (tiny settings) and reports what it promises."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_models.py'
+_spec = importlib.util.spec_from_file_location('bench_models', _PATH)
+bench_models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_models)
+
+
+def test_parse_spec():
+    assert bench_models.parse_spec('inresnet_20') == ('inresnet_20', {})
+    assert bench_models.parse_spec('m:a=false,b=0.5,c=[1,2]') == ('m', {'a': False, 'b': 0.5, 'c': [1, 2]})
+    with pytest.raises(ValueError, match='expected key=value'):
+        bench_models.parse_spec('m:a')
+
+
+def test_bench_runs_side_by_side_with_ratios(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    rc = bench_models.main([
+        'cifar_resnet_20:layers=[1,1,1]', 'inresnet_20:layers=[2,2,2]', '--baseline', 'cifar_resnet_20:layers=[1,1,1]',
+        '--batch-size', '4', '--steps', '1', '--warmup', '1', '--rounds', '1', '--device', 'cpu', '--json', str(out),
+    ])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {r['config']: r for r in result['rows']}
+    base, other = rows['cifar_resnet_20:layers=[1,1,1]'], rows['inresnet_20:layers=[2,2,2]']
+    assert base['step_time_ratio'] == 1.0 and base['eval_time_ratio'] == 1.0
+    assert other['params'] > base['params'] and other['kwargs'] == {'layers': [2, 2, 2]}
+    for key in ('train_img_s', 'eval_img_s', 'train_step_ms'):
+        assert other[key] > 0
+    # a resident-set peak can already have been reached while building a model this small
+    assert other['peak_train_mem_mb'] >= 0 and base['peak_train_mem_mb'] >= 0
+    table = capsys.readouterr().out
+    assert '| inresnet_20:layers=[2,2,2] |' in table and 'step time / cifar_resnet_20:layers=[1,1,1]' in table
+
+
+def test_bench_reports_a_failing_configuration(tmp_path):
+    rc = bench_models.main(['no_such_model', '--baseline', 'no_such_model', '--rounds', '1', '--steps', '1',
+                            '--device', 'cpu', '--json', str(tmp_path / 'b.json')])
+    rows = json.loads((tmp_path / 'b.json').read_text())['rows']
+    assert rc == 1 and 'Unknown model' in rows[0]['error']
