@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "parameters (this includes In-ResNet's λ); 'none': weight decay on every parameter "
                             "(the In-ResNet authors' recipe)")
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip the gradient norm')
-    group.add_argument('--amp', choices=('no', 'fp16', 'bf16'), default='no', help='mixed precision (Accelerate)')
+    group.add_argument('--amp', choices=('no', 'fp16', 'bf16'), default=None,
+                       help="mixed precision (default: Accelerate's, e.g. `accelerate launch --mixed_precision`, "
+                            "else no)")
 
     group = parser.add_argument_group('Learning-rate schedule (timm create_scheduler_v2)')
     group.add_argument('--sched', choices=SCHEDULES, default='multistep')

@@ -39,6 +39,7 @@ from timm.utils import AverageMeter, ModelEmaV3, accuracy
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import list_models
 from ..data import DatasetNotFoundError, cifar_train_transform, create_dataset, dataset_classes
 from .config import ConfigError, identity_differences, parse_args, run_identity
 from .run_dir import CheckpointError, OutputDirError, RunDirectory, check_checkpoint, checkpoint_epoch, \
@@ -70,17 +71,20 @@ def epoch_seed(seed: int, epoch: int, process_index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0])
 
 
-def _unknown_name(kind: str, name: str, known: Sequence[str], hint: str = '') -> ConfigError:
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    suggestion = f'; close matches: {", ".join(close)}' if close else ''
+def _unknown_name(kind: str, name: str, *pools: Sequence[str], hint: str = '') -> ConfigError:
+    """The error for an unknown ``name``, listing the close names of the first pools first."""
+    close = []
+    for pool in pools:
+        close += [c for c in difflib.get_close_matches(name, pool, n=5, cutoff=0.6) if c not in close]
+    suggestion = f'; close matches: {", ".join(close[:5])}' if close else ''
     return ConfigError(f'unknown {kind} {name!r}{suggestion}{hint}')
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise :class:`ConfigError` for options no run can use (before anything is built or written)."""
     if not timm.is_model(args.model):
-        raise _unknown_name('model', args.model, timm.list_models(),
-                            "; odenet_timm's models: python -c 'import odenet_timm; print(odenet_timm.list_models())'")
+        raise _unknown_name('model', args.model, list_models(), timm.list_models(),
+                            hint="; odenet_timm's models: python -c 'import odenet_timm; print(odenet_timm.list_models())'")
     if args.opt not in list_optimizers():
         raise _unknown_name('optimizer', args.opt, list_optimizers())
     for name in ('epochs', 'batch_size', 'grad_accum'):
@@ -156,7 +160,6 @@ class Trainer:
         self.run_dir = RunDirectory(args.output)
         self.resume_from = self.run_dir.resolve_resume(args.resume, args.overwrite)
         saved_config = check_checkpoint(self.resume_from, 3 if args.model_ema else 2) if self.resume_from else None
-
         self.accelerator = accelerator = Accelerator(
             mixed_precision=args.amp,
             gradient_accumulation_steps=args.grad_accum,
@@ -168,37 +171,14 @@ class Trainer:
             train_set = create_dataset(args.dataset, args.data_dir, 'train', args.download)
             eval_set = create_dataset(args.dataset, args.data_dir, 'validation', args.download)
         self.class_names = dataset_classes(train_set)
-        num_classes = args.num_classes or len(self.class_names)
-        if num_classes < len(self.class_names):
-            raise ConfigError(f'--num-classes {num_classes} is smaller than the {len(self.class_names)} classes of '
-                              f'{args.dataset}')
-        self.args = args = argparse.Namespace(**{**vars(args), 'num_classes': num_classes})
-        if saved_config is not None:
-            differences = identity_differences(run_identity(saved_config), run_identity(vars(args)))
-            if differences:
-                raise CheckpointError(f'{self.resume_from} belongs to a run with other settings; continuing it would '
-                                      f'mix two recipes: ' + '; '.join(differences))
+        self.args = args = self._resolve(args, saved_config)
 
         set_seed(args.seed)  # the same initial weights on every process
-        model = create_model(args, num_classes)
+        model = create_model(args, args.num_classes)
         if args.smoothness_decay and not hasattr(model, 'smoothness_loss'):
             raise ConfigError(f'--smoothness-decay needs a model with smoothness_loss() (the Hamiltonian family); '
                               f'{args.model} has none')
-        data_config = resolve_model_data_config(model)
-        # as timm's create_loader does: the transforms depend on the model, the model on the dataset's classes
-        train_set.transform = cifar_train_transform(data_config['mean'], data_config['std'],
-                                                    size=data_config['input_size'][-1], hflip=args.hflip)
-        eval_set.transform = create_transform(**data_config, is_training=False)
-        per_process = micro_batch // accelerator.num_processes
-        self.diagnostic_batch = torch.stack([eval_set[i][0] for i in range(min(per_process, len(eval_set)))])
-
-        pin_memory = accelerator.device.type == 'cuda'
-        train_loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
-                                  num_workers=args.workers, pin_memory=pin_memory)
-        eval_loader = DataLoader(eval_set, batch_size=micro_batch, num_workers=args.workers, pin_memory=pin_memory)
-        if len(train_loader) == 0:
-            raise ConfigError(f'--batch-size {args.batch_size} is larger than the {len(train_set)} training images')
-
+        train_loader, eval_loader = self._loaders(model, train_set, eval_set, micro_batch)
         model.to(accelerator.device)
         self.ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
         optimizer = create_optimizer_v2(
@@ -206,15 +186,13 @@ class Trainer:
             filter_bias_and_bn=args.wd_filter == 'bias_and_bn')
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
             model, optimizer, train_loader, eval_loader)
-        self.updates_per_epoch = math.ceil(len(self.train_loader) / args.grad_accum)
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=args.sched, num_epochs=args.epochs, decay_milestones=args.decay_milestones,
             decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
-            warmup_lr=args.warmup_lr, updates_per_epoch=self.updates_per_epoch)
-
+            warmup_lr=args.warmup_lr, updates_per_epoch=math.ceil(len(self.train_loader) / args.grad_accum))
         if args.mixup > 0 or args.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                               num_classes=num_classes)
+                               num_classes=args.num_classes)
             self.loss_fn = SoftTargetCrossEntropy()  # Mixup already smooths the targets
         else:
             self.mixup = None
@@ -226,33 +204,67 @@ class Trainer:
         accelerator.register_load_state_pre_hook(self._load_bare_weights)
         if self.resume_from is not None:
             self._resume()
+        self._start_run_dir()
 
+    def _resolve(self, args: argparse.Namespace, saved_config: Optional[Dict[str, Any]]) -> argparse.Namespace:
+        """``args`` with the values this run resolved (classes from the dataset, Accelerate's mixed precision),
+        so that train_config.json says what actually runs; checked against the checkpoint's when resuming."""
+        num_classes = args.num_classes or len(self.class_names)
+        if num_classes < len(self.class_names):
+            raise ConfigError(f'--num-classes {num_classes} is smaller than the {len(self.class_names)} classes of '
+                              f'{args.dataset}')
+        args = argparse.Namespace(**{**vars(args), 'num_classes': num_classes,
+                                     'amp': self.accelerator.mixed_precision})
+        if saved_config is not None:
+            differences = identity_differences(run_identity(saved_config), run_identity(vars(args)))
+            if differences:
+                raise CheckpointError(f'{self.resume_from} belongs to a run with other settings; continuing it would '
+                                      f'mix two recipes: ' + '; '.join(differences))
+        return args
+
+    def _loaders(self, model: nn.Module, train_set, eval_set, micro_batch: int):
+        """The train / validation loaders, with the transforms of ``model``'s data config (set on the datasets,
+        as timm's ``create_loader`` does: the transforms depend on the model, the model on the classes)."""
+        args = self.args
+        data_config = resolve_model_data_config(model)
+        train_set.transform = cifar_train_transform(data_config['mean'], data_config['std'],
+                                                    size=data_config['input_size'][-1], hflip=args.hflip)
+        eval_set.transform = create_transform(**data_config, is_training=False)
+        per_process = micro_batch // self.accelerator.num_processes
+        self.diagnostic_batch = torch.stack([eval_set[i][0] for i in range(min(per_process, len(eval_set)))])
+        pin_memory = self.accelerator.device.type == 'cuda'
+        train_loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
+                                  num_workers=args.workers, pin_memory=pin_memory)
+        if len(train_loader) == 0:
+            raise ConfigError(f'--batch-size {args.batch_size} is larger than the {len(train_set)} training images')
+        eval_loader = DataLoader(eval_set, batch_size=micro_batch, num_workers=args.workers, pin_memory=pin_memory)
+        return train_loader, eval_loader
+
+    def _start_run_dir(self) -> None:
+        """Now that everything is validated and loaded: discard a run being overwritten, record the options."""
         # the metrics of the epochs the checkpoint has completed (those of a discarded run do not count)
-        self.records = [] if args.overwrite else self.run_dir.read_metrics(self.progress.epoch)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        self.records = [] if self.args.overwrite else self.run_dir.read_metrics(self.progress.epoch)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
             self.run_dir.root.mkdir(parents=True, exist_ok=True)
-            if args.overwrite:
+            if self.args.overwrite:
                 self.run_dir.clear()
-            write_json_atomic(self.run_dir.config_path, vars(args))
-        accelerator.wait_for_everyone()
+            write_json_atomic(self.run_dir.config_path, vars(self.args))
+        self.accelerator.wait_for_everyone()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     @staticmethod
     def _save_bare_weights(models: List[nn.Module], weights: List[Dict[str, torch.Tensor]], output_dir: str):
         """``save_state`` hook: store the bare model's keys (no DDP ``module.`` prefix), so that a checkpoint
-        resumes on any number of processes and matches the exported weights."""
-        for i, model in enumerate(models):
-            weights[i] = extract_model_from_parallel(model).state_dict()
+        resumes on any number of processes and holds the same keys as the export."""
+        weights[0] = extract_model_from_parallel(models[0]).state_dict()  # the one model this trainer prepares
 
     @staticmethod
     def _load_bare_weights(models: List[nn.Module], input_dir: str):
         """``load_state`` hook: the counterpart of :meth:`_save_bare_weights` (strict: every key, every shape)."""
-        for i, model in enumerate(models):
-            name = 'model.safetensors' if i == 0 else f'model_{i}.safetensors'
-            bare = extract_model_from_parallel(model)
-            bare.load_state_dict(load_file(f'{input_dir}/{name}', device=str(next(bare.parameters()).device)))
-        models.clear()  # loaded here; Accelerate must not load them again
+        bare = extract_model_from_parallel(models[0])
+        bare.load_state_dict(load_file(f'{input_dir}/model.safetensors', device=str(next(bare.parameters()).device)))
+        models.clear()  # loaded here; Accelerate must not load it again
 
     def _resume(self) -> None:
         try:
