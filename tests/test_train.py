@@ -276,9 +276,10 @@ def test_output_holding_another_run_is_refused_unless_overwrite(family_runs, tmp
     before = snapshot(output)
     assert run(*quick_args(output, model='inresnet_20')) == 2
     assert 'already holds a training run' in capsys.readouterr().err and snapshot(output) == before
-    assert run(*quick_args(output, model='inresnet_20', kwargs='layers=[2,2,2]'), '--overwrite') == 0
+    assert run(*quick_args(output, 'inresnet_20', 'layers=[2,2,2]', 2), '--overwrite', '--keep-checkpoints', '1') == 0
     assert json.loads((output / 'summary.json').read_text())['model'] == 'inresnet_20'
-    assert [p.name for p in (output / 'checkpoints').iterdir()] == ['checkpoint_1']
+    assert [p.name for p in (output / 'checkpoints').iterdir()] == ['checkpoint_2']
+    assert [r['epoch'] for r in records(output)] == [1, 2]
     assert (output / 'notes.txt').read_text() == 'mine'  # only the run's own files are discarded
 
 
@@ -346,6 +347,7 @@ def test_batch_that_cannot_be_split_and_cli_errors(tmp_path):
         from odenet_timm.train import train
         train(parse_args([str(a) for a in quick_args(tmp_path)] + ['--batch-size', '10', '--grad-accum', '3']))
     assert not any(tmp_path.iterdir())
+    assert run(*quick_args(tmp_path / 'o'), '--amp', 'fp16') == 2  # Accelerate would silently ignore it on CPU
     # plain `python train.py`: one line on stderr, exit status 2
     done = subprocess.run([sys.executable, 'train.py', '--model', 'resnet_cifar_20', '--output', str(tmp_path / 'o')],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)

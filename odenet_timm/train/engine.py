@@ -166,6 +166,9 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
                                                       data_seed=args.seed),
         )
+        if accelerator.mixed_precision == 'fp16' and not accelerator.native_amp:
+            raise ConfigError(f'fp16 mixed precision needs a GPU; on {accelerator.device.type} Accelerate would '
+                              f'silently train in float32 (use --amp bf16 or --amp no)')
         micro_batch = micro_batch_size(args, accelerator.num_processes)
         with accelerator.main_process_first():  # only one process downloads
             train_set = create_dataset(args.dataset, args.data_dir, 'train', args.download)
