@@ -24,6 +24,7 @@ from odenet_timm.train.run_dir import CheckpointError, check_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 # One short digits run per model family: {family: (model, model kwargs, minimum final validation top-1 in %)}.
+# Each runs the family's quick recipe configs/digits_<family>.yaml with these model kwargs for EPOCHS epochs.
 FAMILIES = {
     'resnet': ('cifar_resnet_20', 'layers=[1,1,1]', 80.0),
     'inresnet': ('inresnet_20', 'layers=[2,2,2]', 80.0),
@@ -55,6 +56,13 @@ def run(*argv) -> int:
         GradientState._reset_state()
 
 
+def family_args(family, output, *extra):
+    """The command line of the family's short run: its digits recipe with the tiny model of :data:`FAMILIES`."""
+    model, kwargs, _ = FAMILIES[family]
+    return ['--config', REPO / f'configs/digits_{family}.yaml', '--model', model, '--model-kwargs', kwargs,
+            '--epochs', EPOCHS, '--output', output, *extra]
+
+
 def quick_args(output, model='cifar_resnet_20', kwargs='layers=[1,1,1]', epochs=1, *extra):
     return ['--config', REPO / 'configs/digits_resnet.yaml', '--model', model, '--model-kwargs', kwargs,
             '--epochs', epochs, '--output', output, *extra]
@@ -79,10 +87,9 @@ def snapshot(directory):
 def family_runs(tmp_path_factory):
     """One finished run per family (the In-ResNet one with :data:`STRESS_OPTIONS`), shared by the tests below."""
     runs = {}
-    for family, (model, kwargs, _) in FAMILIES.items():
+    for family in FAMILIES:
         output = tmp_path_factory.mktemp(family)
-        extra = STRESS_OPTIONS if family == 'inresnet' else []
-        assert run(*quick_args(output, model, kwargs, EPOCHS, '--wd-filter', 'none', *extra)) == 0
+        assert run(*family_args(family, output, *(STRESS_OPTIONS if family == 'inresnet' else []))) == 0
         runs[family] = output
     return runs
 
@@ -139,8 +146,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(family_runs, tmp_path):
     for name in (f'checkpoints/checkpoint_{EPOCHS}', 'export', 'export_ema', 'summary.json',
                  f'checkpoints/checkpoint_{EPOCHS - 1}/random_states_0.pkl'):
         shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
-    model, kwargs, _ = FAMILIES['inresnet']
-    assert run(*quick_args(resumed, model, kwargs, EPOCHS, '--wd-filter', 'none', *STRESS_OPTIONS), '--resume') == 0
+    assert run(*family_args('inresnet', resumed, *STRESS_OPTIONS), '--resume') == 0
 
     for export in ('export', 'export_ema'):
         a, b = load_file(straight / export / 'model.safetensors'), load_file(resumed / export / 'model.safetensors')
@@ -180,6 +186,7 @@ def test_two_cpu_processes_with_torchrun_write_one_export_that_resumes_on_one(tm
 def test_accelerate_launch_as_in_the_readme(tmp_path):
     output = tmp_path / 'launched'
     # README: accelerate launch train.py --config configs/digits_resnet.yaml --output runs/digits_resnet
+    # (the families' tiny runs use the other digits recipes)
     command = [sys.executable, '-m', 'accelerate.commands.accelerate_cli', 'launch', 'train.py',
                '--config', 'configs/digits_resnet.yaml', '--output', str(output),
                '--epochs', '1', '--model-kwargs', 'layers=[1,1,1]']  # command-line options beat the config file
@@ -188,13 +195,6 @@ def test_accelerate_launch_as_in_the_readme(tmp_path):
     assert [r['epoch'] for r in records(output)] == [1]
     assert json.loads((output / 'train_config.json').read_text())['model_kwargs'] == {'layers': [1, 1, 1]}
     timm.create_model(f'local-dir:{output}/export', pretrained=True)
-
-
-def test_digits_inresnet_recipe_runs(tmp_path):
-    """The In-ResNet quick recipe as it is (digits_resnet runs in test_accelerate_launch_as_in_the_readme)."""
-    assert run('--config', REPO / 'configs/digits_inresnet.yaml', '--epochs', '1', '--output', tmp_path) == 0
-    assert 'interpolation_coefficients' in records(tmp_path)[0]
-    timm.create_model(f'local-dir:{tmp_path}/export', pretrained=True)
 
 
 def test_every_config_parses_and_its_model_builds_when_registered():
@@ -276,15 +276,16 @@ def test_output_holding_another_run_is_refused_unless_overwrite(family_runs, tmp
     before = snapshot(output)
     assert run(*quick_args(output, model='inresnet_20')) == 2
     assert 'already holds a training run' in capsys.readouterr().err and snapshot(output) == before
-    assert run(*quick_args(output, 'inresnet_20', 'layers=[2,2,2]', 2), '--overwrite', '--keep-checkpoints', '1') == 0
+    assert run(*quick_args(output, 'inresnet_20', 'layers=[1,1,1]', 2), '--overwrite', '--keep-checkpoints', '1') == 0
     assert json.loads((output / 'summary.json').read_text())['model'] == 'inresnet_20'
     assert [p.name for p in (output / 'checkpoints').iterdir()] == ['checkpoint_2']
     assert [r['epoch'] for r in records(output)] == [1, 2]
     assert (output / 'notes.txt').read_text() == 'mine'  # only the run's own files are discarded
 
 
-def _resume_args(output, resume_from, model='cifar_resnet_20'):
-    return [*quick_args(output, model, FAMILIES['resnet'][1], EPOCHS, '--wd-filter', 'none'), '--resume', resume_from]
+def _resume_args(output, resume_from):
+    """Continue the ResNet family run (copied to ``output``) from ``resume_from``."""
+    return [*family_args('resnet', output), '--resume', resume_from]
 
 
 def test_resume_of_a_corrupt_checkpoint_fails_cleanly(family_runs, tmp_path, capsys):

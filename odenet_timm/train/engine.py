@@ -8,9 +8,10 @@ Determinism that survives ``--resume``: the shuffling comes from Accelerate's ``
 (``use_seedable_sampler=True``, ``data_seed=--seed``; ``set_epoch(e)`` seeds it with ``seed + e``, the same on every
 process), and at the start of every epoch the global ``random`` / NumPy / torch generators — which drive the
 augmentation, the data-loader worker seeds, Mixup and dropout — are re-seeded from ``(seed, epoch, process)``.
-An epoch therefore depends only on the weights, the optimizer state and its number, all of which a checkpoint
-holds: N epochs in one go and N−1 epochs plus a resumed one give the same weights bit for bit (on the same
-hardware and number of processes).
+An epoch therefore depends only on what a checkpoint holds (weights, optimizer, scheduler, EMA, counters) and on
+its number — not on the RNG states, which Accelerate restores only best-effort: N epochs in one go and N−1
+epochs plus a resumed one give the same weights bit for bit (same hardware, thread count and number of
+processes; a checkpoint also continues on another number of processes, then not bit for bit).
 
 Batch size: ``--batch-size`` is the number of samples per optimizer step over all processes (the papers' batch
 size), so a recipe means the same on one CPU and on eight GPUs. The data loader yields ``batch_size / grad_accum``
