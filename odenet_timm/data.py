@@ -7,13 +7,16 @@ name that is a directory is read as an ImageFolder tree (``DIR/train/<class>/*.p
 ``DIR/validation/<class>/*.png``; ``val``/``test`` also accepted for the evaluation split).
 """
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['DigitsDataset', 'DatasetNotFoundError', 'create_dataset', 'dataset_classes', 'DATASET_NAMES']
+__all__ = [
+    'DigitsDataset', 'DatasetNotFoundError', 'create_dataset', 'dataset_classes', 'cifar_train_transform',
+    'DATASET_NAMES',
+]
 
 DATASET_NAMES = ('digits', 'torch/cifar10', 'torch/cifar100')
 _SPLITS = ('train', 'validation')
@@ -112,3 +115,22 @@ def dataset_classes(dataset: Dataset) -> List[str]:
     if class_to_idx:
         return [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
     raise ValueError(f'cannot tell the classes of {type(dataset).__name__}')
+
+
+def cifar_train_transform(
+        mean: Sequence[float],
+        std: Sequence[float],
+        size: int = 32,
+        padding: int = 2,
+        hflip: float = 0.5,
+) -> Callable:
+    """The CIFAR papers' training augmentation: reflect-pad by ``padding`` pixels, random ``size``×``size``
+    crop, horizontal flip with probability ``hflip``, then ``ToTensor`` and ``Normalize(mean, std)`` (pass the
+    model's, from ``timm.data.resolve_model_data_config``). Takes a PIL image, like timm's transforms.
+    """
+    from torchvision import transforms
+    steps = [transforms.RandomCrop(size, padding=padding, padding_mode='reflect')]
+    if hflip > 0:
+        steps.append(transforms.RandomHorizontalFlip(hflip))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)

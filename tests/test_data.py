@@ -6,7 +6,7 @@ import pytest
 import torchvision
 from PIL import Image
 
-from odenet_timm.data import DatasetNotFoundError, DigitsDataset, create_dataset, dataset_classes
+from odenet_timm.data import DatasetNotFoundError, DigitsDataset, cifar_train_transform, create_dataset, dataset_classes
 
 
 def test_digits_split_is_fixed_and_documented():
@@ -79,3 +79,20 @@ def test_image_folder(tmp_path):
         create_dataset(str(tmp_path), split='validation')
     with pytest.raises(DatasetNotFoundError, match='unknown dataset'):
         create_dataset('no/such/thing')
+
+
+def test_cifar_train_transform_pads_by_reflection_crops_flips_and_normalizes():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    expected = [(c / 255 - m) / s for c, m, s in zip((51, 102, 153), mean, std)]
+    for _ in range(10):  # reflection keeps a flat image flat in every crop: no zero-padded border
+        flat = cifar_train_transform(mean, std)(Image.new('RGB', (32, 32), (51, 102, 153)))
+        assert tuple(flat.shape) == (3, 32, 32) and float(flat.std(dim=(1, 2)).max()) < 1e-5
+        assert np.allclose(flat.mean(dim=(1, 2)).numpy(), expected, atol=1e-6)
+    ramp = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))).convert('RGB')
+    always_flip = cifar_train_transform((0, 0, 0), (1, 1, 1), padding=0, hflip=1.0)(ramp)
+    assert np.allclose(always_flip[0, 0].numpy() * 255, np.arange(32)[::-1] * 8, atol=1e-3)
+    shifts = set()
+    for _ in range(50):
+        row = cifar_train_transform((0, 0, 0), (1, 1, 1), hflip=0.0)(ramp)[0, 16].numpy() * 255
+        shifts.add(int(round(row[16] / 8)) - 16)  # the column that lands in the middle
+    assert shifts == {-2, -1, 0, 1, 2}

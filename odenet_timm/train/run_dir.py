@@ -1,0 +1,233 @@
+"""The run directory: its layout, its checkpoints, and the rules that keep earlier work from being lost.
+
+```
+DIR/train_config.json              every option of the run (what --resume compares against)
+DIR/metrics.jsonl                  one JSON object per epoch
+DIR/summary.json                   final numbers, written when the run ends
+DIR/checkpoints/checkpoint_N/      Accelerate ``save_state`` after N epochs: model.safetensors (the bare model's
+                                   keys, whatever the number of processes), optimizer.bin, custom_checkpoint_K.pkl
+                                   (K = 0 progress counter, 1 timm scheduler, 2 EMA), random_states_R.pkl,
+                                   train_config.json
+DIR/export/, DIR/export_ema/       ``timm.models.save_for_hf(..., safe_serialization=True)``
+```
+
+Files are written through a temporary file and ``os.replace``; checkpoint and export directories are written
+under a temporary name and renamed into place, so a run killed at any moment leaves only complete checkpoints.
+
+Unpickling: ``Accelerator.load_state`` reads optimizer.bin and random_states_R.pkl with ``torch.load(...,
+weights_only=True)``, but the objects registered with ``register_for_checkpointing`` (custom_checkpoint_K.pkl)
+with ``weights_only=False`` — a tampered file would run arbitrary code. :func:`check_checkpoint` therefore loads
+each of those files with ``weights_only=True`` first and refuses the checkpoint unless they hold only tensors
+and plain containers; only then is ``load_state`` called.
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .config import LATEST
+
+__all__ = ['CheckpointError', 'OutputDirError', 'RunDirectory', 'check_checkpoint', 'checkpoint_epoch',
+           'write_json_atomic', 'CONFIG_NAME']
+
+CONFIG_NAME = 'train_config.json'
+_CHECKPOINT_NAME = re.compile(r'^checkpoint_(\d+)$')
+_RUN_FILES = (CONFIG_NAME, 'metrics.jsonl', 'summary.json')
+_RUN_DIRS = ('checkpoints', 'export', 'export_ema')
+
+
+class OutputDirError(FileExistsError):
+    """``--output`` holds a run that this command would overwrite."""
+
+
+class CheckpointError(ValueError):
+    """A ``--resume`` checkpoint that is missing, incomplete, corrupt, unsafe, or from a different run."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``, replacing an existing ``final`` (the old one is renamed
+    away first and deleted last, so ``final`` is never a half-written directory)."""
+    old = final.with_name(f'.{final.name}.old')
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """N of a ``checkpoint_N`` directory (the number of epochs it has completed)."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    if not match:
+        raise CheckpointError(f'{path} is not a checkpoint directory (expected .../checkpoints/checkpoint_N)')
+    return int(match.group(1))
+
+
+class RunDirectory:
+    """Paths and bookkeeping of one ``--output`` directory (writes are the caller's main process's job)."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self.config_path = self.root / CONFIG_NAME
+        self.metrics_path = self.root / 'metrics.jsonl'
+        self.summary_path = self.root / 'summary.json'
+        self.checkpoints_dir = self.root / 'checkpoints'
+        self.export_dir = self.root / 'export'
+        self.export_ema_dir = self.root / 'export_ema'
+
+    def holds_run(self) -> bool:
+        """Whether a training run has already written anything here."""
+        return any((self.root / name).exists() for name in _RUN_FILES + _RUN_DIRS)
+
+    def checkpoints(self) -> List[Tuple[int, Path]]:
+        """``(epoch, path)`` of every complete checkpoint, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir()
+                 if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))]
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def resolve_resume(self, resume: Optional[str], overwrite: bool) -> Optional[Path]:
+        """The checkpoint to continue from, after checking that starting here loses nothing.
+
+        Without ``resume`` the directory must hold no run, or ``overwrite`` must be set. ``resume`` is
+        :data:`~odenet_timm.train.config.LATEST` (the latest checkpoint here), a ``checkpoint_N`` directory or a
+        run directory (its latest checkpoint). Continuing from a checkpoint of this directory requires it to be the
+        latest one (the next epochs would overwrite the later ones); a checkpoint from elsewhere requires this
+        directory to hold no run, or ``overwrite``.
+        """
+        if resume is None:
+            if self.holds_run() and not overwrite:
+                raise OutputDirError(
+                    f'{self.root} already holds a training run ({self._contents()}); pass --resume to continue it, '
+                    f'--overwrite to discard it, or choose another --output')
+            return None
+        if resume == LATEST:
+            checkpoint = self.latest_checkpoint()
+            if checkpoint is None:
+                raise CheckpointError(f'--resume: {self.root} has no checkpoint to continue from '
+                                      f'(nothing in {self.checkpoints_dir}); start it again with --overwrite')
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise CheckpointError(f'--resume {resume}: no such directory')
+            checkpoint = RunDirectory(path).latest_checkpoint() if (path / 'checkpoints').is_dir() else path
+            if checkpoint is None:
+                raise CheckpointError(f'--resume {resume}: the run directory has no checkpoint')
+        epoch = checkpoint_epoch(checkpoint)
+        if checkpoint.resolve().parent == self.checkpoints_dir.resolve():
+            if overwrite:
+                raise OutputDirError(f'--overwrite would delete {checkpoint}, the checkpoint --resume continues from')
+            later = [e for e, _ in self.checkpoints() if e > epoch]
+            if later:
+                raise OutputDirError(
+                    f'{self.root} holds checkpoints after epoch {epoch} ({", ".join(map(str, later))}) that '
+                    f'continuing from {checkpoint.name} would overwrite; resume from the latest, delete them '
+                    f'yourself, or continue into another --output')
+        elif self.holds_run() and not overwrite:
+            raise OutputDirError(
+                f'{self.root} already holds a training run ({self._contents()}); to continue {checkpoint} there, '
+                f'pass --overwrite to discard that run, or choose another --output')
+        return checkpoint
+
+    def _contents(self) -> str:
+        return ', '.join(name for name in _RUN_FILES + _RUN_DIRS if (self.root / name).exists())
+
+    def clear(self) -> None:
+        """Delete what a previous run wrote here (only the run's own files; anything else stays)."""
+        for name in _RUN_FILES:
+            (self.root / name).unlink(missing_ok=True)
+        for name in _RUN_DIRS:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def read_metrics(self, up_to_epoch: int) -> List[Dict[str, Any]]:
+        """The metrics of epochs 1..``up_to_epoch`` already recorded here (those of a resumed run)."""
+        if not self.metrics_path.exists():
+            return []
+        records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return [r for r in records if r.get('epoch', 0) <= up_to_epoch]
+
+    def write_metrics(self, records: List[Dict[str, Any]]) -> None:
+        write_text_atomic(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in records))
+
+    def save_checkpoint(self, accelerator, epoch: int, config: Dict[str, Any], keep: int = 0) -> Path:
+        """``accelerator.save_state`` into ``checkpoints/checkpoint_{epoch}`` (atomically), on every process.
+
+        ``keep`` > 0 deletes all but the ``keep`` latest checkpoints afterwards.
+        """
+        final = self.checkpoints_dir / f'checkpoint_{epoch}'
+        tmp = self.checkpoints_dir / f'.checkpoint_{epoch}.tmp'
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its own random_states_R.pkl
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / CONFIG_NAME, config)
+            replace_dir(tmp, final)
+            if keep > 0:
+                for _, old in self.checkpoints()[:-keep]:
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def export(self, directory: Path, model: torch.nn.Module, model_args: Dict[str, Any],
+               label_names: List[str]) -> None:
+        """``timm.models.save_for_hf(model, directory, safe_serialization=True)`` atomically, with the model
+        kwargs (so that ``timm.create_model('local-dir:DIR', pretrained=True)`` rebuilds the same architecture)
+        and the class names."""
+        from timm.models import save_for_hf
+        tmp = directory.with_name(f'.{directory.name}.tmp')
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_for_hf(model, str(tmp), model_config={'label_names': list(label_names)}, model_args=dict(model_args),
+                    safe_serialization=True)
+        replace_dir(tmp, directory)
+
+
+def check_checkpoint(checkpoint: Path, num_registered: int) -> Dict[str, Any]:
+    """Check that ``checkpoint`` is a complete checkpoint of this trainer that is safe to unpickle, and return
+    the options of the run that wrote it. Reads nothing into any model.
+
+    ``num_registered``: the number of objects registered with ``register_for_checkpointing``
+    (``custom_checkpoint_0..num_registered-1.pkl``).
+    """
+    checkpoint_epoch(checkpoint)
+    config_path = checkpoint / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f'{checkpoint} was not written by odenet_timm\'s train.py (it has no {CONFIG_NAME})')
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'{config_path} is unreadable or corrupt: {e}') from e
+    pickles = [f'custom_checkpoint_{i}.pkl' for i in range(num_registered)]
+    missing = [name for name in ['model.safetensors', 'optimizer.bin', *pickles] if not (checkpoint / name).is_file()]
+    if missing:
+        raise CheckpointError(f'{checkpoint} is incomplete: {", ".join(missing)} missing')
+    for name in pickles:
+        try:
+            torch.load(checkpoint / name, map_location='cpu', weights_only=True)
+        except Exception as e:  # any failure: an unsafe object, a truncated or garbled file
+            raise CheckpointError(
+                f'{checkpoint / name} cannot be read as plain tensors and containers, so it is not unpickled '
+                f'(Accelerate would load it with weights_only=False): {type(e).__name__}: {e}') from e
+    return config
