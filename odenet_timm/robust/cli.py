@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from timm.utils import ParseKwargs
 
 from ..data import DatasetNotFoundError
-from ..models._common import CheckpointMismatchError
+from .. import CheckpointMismatchError
 from .attacks import ATTACKS, AUTOATTACK_VERSIONS, DEFAULT_ATTACKS, AttackProtocol, parse_eps
 from .entries import ENSEMBLE_COMBINES, EvalEntry, load_export_dir, load_weights_file, make_ensemble
 from .errors import EvaluationInputError

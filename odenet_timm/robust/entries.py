@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 
+from .. import CheckpointMismatchError
 from .errors import EvaluationInputError
 
 __all__ = [
@@ -155,7 +156,6 @@ def load_weights_file(model_name: str, weights: str, name: str, model_kwargs: Op
 
 
 def _create(model_name: str, source: str, **kwargs) -> nn.Module:
-    from odenet_timm import CheckpointMismatchError
     try:
         return timm.create_model(model_name, **kwargs)
     except CheckpointMismatchError as e:
