@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from huggingface_hub import ModelCard
 
-import odenet_timm
 from odenet_timm.data import create_dataset
 from odenet_timm.models._common import CIFAR10_MEAN, CIFAR10_STD
 from odenet_timm.robust import (
