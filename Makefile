@@ -5,7 +5,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.odenet_timm-installed
 
-.PHONY: install test bench clean
+.PHONY: install test bench demo cards clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -21,5 +21,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_models.py cifar_resnet_110 inresnet_110
 
+# Train the four families on digits, evaluate them and an In-ResNet ensemble, print the leaderboard (demo/).
+demo: $(STAMP)
+	PYTHON=$(VPY) scripts/demo.sh
+
+# Regenerate model_cards/ (one card per registered architecture) after adding or changing a model.
+cards: $(STAMP)
+	$(VPY) eval_robust.py --write-architecture-cards model_cards/
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo

@@ -1,0 +1,189 @@
+"""The attack protocol (DESIGN.md §4) and one function that runs each attack, on [0, 1] images.
+
+Which library does what:
+
+* ``fgsm``: ``torchattacks.FGSM`` — one signed-gradient step of ε.
+* ``ifgsm``: ``torchattacks.BIM`` — ``steps`` (20) signed-gradient steps of ``step_size`` (1/255), no random start,
+  each projected onto the ε-ball around the CLEAN image and onto [0, 1].
+* ``pgd``: ``torchattacks.PGD`` — the same iteration after a uniform random start in the ε-ball.
+* ``autoattack``: ``pyautoattack.AutoAttack``: ``'standard'`` (APGD-CE, APGD-T, FAB-T, Square with 5,000 queries:
+  the RobustBench numbers) or ``'fast'`` (APGD-CE and APGD-T with 3 target classes, for quick runs). With fewer
+  than 10 classes the targeted attacks use ``num_classes − 1`` targets.
+* ``blackbox`` (a trust check, not a leaderboard column): pyautoattack's Square attack, score-based and
+  gradient-free, with a small query budget. A model that Square fools more often than every white-box attack
+  gives its gradients away as unreliable (gradient masking); Square depends only on the model itself, so the check
+  means the same for every entry, unlike a transfer attack whose strength depends on the other entries.
+* ``large_eps``: ``torchattacks.PGD`` at ε = ``large_eps`` (0.5) with Madry's step ``2.5·ε / steps``: at ε = 0.5 an
+  attacker can turn every image into the same grey image, so accuracy must fall to chance.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torchattacks
+from pyautoattack import AutoAttack
+from pyautoattack.square import SquareAttack
+
+from .errors import EvaluationInputError
+
+__all__ = [
+    'ATTACKS', 'WHITE_BOX_ATTACKS', 'DEFAULT_ATTACKS', 'AUTOATTACK_VERSIONS', 'AttackProtocol', 'parse_eps',
+    'eps_label', 'predict', 'adversarial_examples',
+]
+
+ATTACKS = ('clean', 'noise', 'fgsm', 'ifgsm', 'pgd', 'autoattack')
+WHITE_BOX_ATTACKS = ('fgsm', 'ifgsm', 'pgd', 'autoattack')
+DEFAULT_ATTACKS = ('clean', 'noise', 'fgsm', 'ifgsm', 'pgd')
+AUTOATTACK_VERSIONS = ('standard', 'fast')
+FAST_AUTOATTACK = ('apgd-ce', 'apgd-t')
+FAST_AUTOATTACK_TARGETS = 3
+SQUARE_P_INIT = 0.8
+
+
+def parse_eps(text: str) -> float:
+    """An ε written as a number (``0.03``) or a fraction (``8/255``)."""
+    try:
+        numerator, _, denominator = text.partition('/')
+        return float(numerator) / float(denominator) if denominator else float(numerator)
+    except (ValueError, ZeroDivisionError):
+        raise EvaluationInputError(f'cannot read ε {text!r}: write a number (0.03) or a fraction (8/255)') from None
+
+
+def eps_label(eps: float) -> str:
+    """``8/255`` for ε = 8/255: in units of one 8-bit grey level."""
+    return f'{eps * 255:.4g}/255'
+
+
+@dataclass(frozen=True)
+class AttackProtocol:
+    """What to run and how. ``eps[0]`` is the leaderboard ε; the others make the robustness curves. Clean
+    accuracy is always measured (every other number is read against it), whether or not ``'clean'`` is listed.
+
+    ``blackbox_queries`` is the Square attack's budget per example (0 skips the black-box trust check).
+    """
+    attacks: Tuple[str, ...] = DEFAULT_ATTACKS
+    eps: Tuple[float, ...] = (8 / 255,)
+    steps: int = 20
+    step_size: float = 1 / 255
+    autoattack_version: str = 'standard'
+    blackbox_queries: int = 1000
+    large_eps: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown:
+            raise EvaluationInputError(f'unknown attack(s) {", ".join(unknown)}; choose from {", ".join(ATTACKS)}')
+        # canonical order, no repeats: the outputs do not depend on how the attacks were listed
+        object.__setattr__(self, 'attacks', tuple(a for a in ATTACKS if a in self.attacks or a == 'clean'))
+        if not self.eps:
+            raise EvaluationInputError('at least one ε is needed')
+        for eps in (*self.eps, self.large_eps):
+            if not 0 < eps <= 1:
+                raise EvaluationInputError(f'ε must lie in (0, 1] (images are in [0, 1]), got {eps:g}')
+        if len(set(self.eps)) != len(self.eps):
+            raise EvaluationInputError(f'ε values repeat: {self.eps}')
+        if self.steps < 1 or not 0 < self.step_size <= 1:
+            raise EvaluationInputError(f'need steps >= 1 and a step size in (0, 1], got {self.steps}, {self.step_size:g}')
+        if self.autoattack_version not in AUTOATTACK_VERSIONS:
+            raise EvaluationInputError(
+                f'AutoAttack version must be one of {", ".join(AUTOATTACK_VERSIONS)}, got {self.autoattack_version!r}')
+        if self.blackbox_queries < 0:
+            raise EvaluationInputError(f'the black-box query budget cannot be negative, got {self.blackbox_queries}')
+
+    @property
+    def white_box(self) -> Tuple[str, ...]:
+        """The white-box attacks requested, in canonical order."""
+        return tuple(a for a in self.attacks if a in WHITE_BOX_ATTACKS)
+
+    @property
+    def runs_blackbox(self) -> bool:
+        return bool(self.white_box) and self.blackbox_queries > 0
+
+    @property
+    def runs_large_eps(self) -> bool:
+        return bool(self.white_box)
+
+    def large_eps_step_size(self) -> float:
+        return 2.5 * self.large_eps / self.steps
+
+    def describe(self) -> Dict:
+        """The settings as recorded in the leaderboard (which library runs each attack, and with what)."""
+        out = asdict(self)
+        out['attacks'] = list(self.attacks)
+        out['eps'] = list(self.eps)
+        libraries = {
+            'noise': 'CIFAR-10-C gaussian / shot / impulse / speckle noise, severities 1-5',
+            'fgsm': 'torchattacks.FGSM',
+            'ifgsm': f'torchattacks.BIM (steps={self.steps}, alpha={self.step_size:g}, no random start)',
+            'pgd': f'torchattacks.PGD (steps={self.steps}, alpha={self.step_size:g}, uniform random start)',
+            'autoattack': (
+                "pyautoattack.AutoAttack(version='standard'): apgd-ce, apgd-t, fab-t, square"
+                if self.autoattack_version == 'standard' else
+                f"pyautoattack.AutoAttack(version='custom'): {', '.join(FAST_AUTOATTACK)}, "
+                f'{FAST_AUTOATTACK_TARGETS} target classes'),
+            'blackbox': f'pyautoattack Square attack (Linf, {self.blackbox_queries} queries, p_init={SQUARE_P_INIT})',
+            'large_eps': f'torchattacks.PGD (eps={self.large_eps:g}, steps={self.steps}, '
+                         f'alpha={self.large_eps_step_size():g}, uniform random start)',
+        }
+        ran = set(self.attacks) | ({'blackbox'} if self.runs_blackbox else set()) | (
+            {'large_eps'} if self.runs_large_eps else set())
+        out['libraries'] = {name: text for name, text in libraries.items() if name in ran}
+        return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Predicted labels of ``model`` (which takes [0, 1] images)."""
+    return model(images).argmax(dim=1)
+
+
+def _autoattack(model, images, labels, eps, protocol, num_classes, seed):
+    if protocol.autoattack_version == 'standard':
+        attack = AutoAttack(model, norm='Linf', eps=eps, version='standard', seed=seed, device=images.device)
+    else:
+        attack = AutoAttack(model, norm='Linf', eps=eps, version='custom', attacks=list(FAST_AUTOATTACK), seed=seed,
+                            device=images.device)
+        attack.apgd_targeted.n_target_classes = FAST_AUTOATTACK_TARGETS
+    attack.apgd_targeted.n_target_classes = min(attack.apgd_targeted.n_target_classes, num_classes - 1)
+    attack.fab.n_target_classes = min(attack.fab.n_target_classes, num_classes - 1)
+    adversarial, _ = attack.run_standard_evaluation(images, labels, batch_size=len(images))
+    return adversarial
+
+
+def _square(model, images, labels, eps, protocol, seed):
+    attack = SquareAttack(model, norm='Linf', n_queries=protocol.blackbox_queries, eps=eps, p_init=SQUARE_P_INIT,
+                          n_restarts=1, seed=seed, verbose=False, device=images.device, resc_schedule=True)
+    with torch.no_grad():
+        return attack.perturb(images, labels)
+
+
+def adversarial_examples(
+        attack: str,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        eps: float,
+        protocol: AttackProtocol,
+        num_classes: int,
+        seed: int,
+) -> torch.Tensor:
+    """Adversarial versions of ``images`` (in [0, 1]) for ``attack`` ∈ {fgsm, ifgsm, pgd, autoattack, blackbox,
+    large_eps} at ``eps``. Random draws of torchattacks come from torch's global generator (seed it around the
+    call, see :func:`~odenet_timm.robust.seeding.seeded`); pyautoattack's attacks take ``seed`` themselves."""
+    if attack == 'fgsm':
+        return torchattacks.FGSM(model, eps=eps)(images, labels)
+    if attack == 'ifgsm':
+        return torchattacks.BIM(model, eps=eps, alpha=protocol.step_size, steps=protocol.steps)(images, labels)
+    if attack == 'pgd':
+        return torchattacks.PGD(model, eps=eps, alpha=protocol.step_size, steps=protocol.steps,
+                                random_start=True)(images, labels)
+    if attack == 'large_eps':
+        return torchattacks.PGD(model, eps=eps, alpha=protocol.large_eps_step_size(), steps=protocol.steps,
+                                random_start=True)(images, labels)
+    if attack == 'autoattack':
+        return _autoattack(model, images, labels, eps, protocol, num_classes, seed)
+    if attack == 'blackbox':
+        return _square(model, images, labels, eps, protocol, seed)
+    raise ValueError(f'no attack named {attack!r}')

@@ -1,0 +1,209 @@
+"""``eval_robust.py``: parse the request, check all of it, evaluate, write the leaderboard (and cards).
+
+Everything that can be wrong with the input (paths, weights that do not fit, ε, attack names, datasets whose
+classes do not match a model's head, CIFAR-C files of another dataset) is checked before the first attack runs.
+"""
+import argparse
+import os
+import sys
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from timm.utils import ParseKwargs
+
+from ..data import DatasetNotFoundError
+from .. import CheckpointMismatchError
+from .attacks import ATTACKS, AUTOATTACK_VERSIONS, DEFAULT_ATTACKS, AttackProtocol, parse_eps
+from .entries import ENSEMBLE_COMBINES, EvalEntry, load_export_dir, load_weights_file, make_ensemble
+from .errors import EvaluationInputError
+from .evaluator import evaluate, load_evaluation_examples, make_accelerator
+from .leaderboard import SCHEMA_PATH, build_leaderboard, write_csv, write_json, write_markdown
+from .noise import CifarCNoise, ComputedNoise
+from .plots import plot_robustness_curves
+from .schema import load_schema, validate
+
+__all__ = ['build_parser', 'main']
+
+OUTPUT_FILES = ('leaderboard.json', 'leaderboard.md', 'leaderboard.csv', 'robustness_curves.png')
+
+
+def _eps(text: str) -> float:
+    try:
+        return parse_eps(text)
+    except EvaluationInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='eval_robust.py',
+        description='Robustness leaderboard: clean, CIFAR-10-C noise, FGSM, IFGSM, PGD and AutoAttack accuracy of '
+                    'trained models and ensembles, with trust checks for gradient masking. Runs under '
+                    '`accelerate launch` / `torchrun` too (examples are sharded over the processes).')
+    models = parser.add_argument_group('what to evaluate (NAME= is optional; the default name is the run directory)')
+    models.add_argument('--checkpoints', nargs='+', action='extend', default=[], metavar='[NAME=]DIR',
+                        help='export directories written by train.py (timm.models.save_for_hf, safetensors)')
+    models.add_argument('--model', action='append', default=[], metavar='ARCH',
+                        help='a registered architecture, paired in order with --weights')
+    models.add_argument('--weights', action='append', default=[], metavar='[NAME=]FILE',
+                        help='weights (.safetensors) for the --model given at the same position')
+    models.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='architecture arguments for every --model, e.g. layers=[1,1,1]')
+    models.add_argument('--ensemble', action='append', default=[], metavar='NAME=DIR,DIR,...',
+                        help='an ensemble of export directories, attacked as one model (repeatable)')
+    models.add_argument('--ensemble-combine', choices=ENSEMBLE_COMBINES, default='probs',
+                        help='average member probabilities (default, as in the In-ResNet paper) or logits')
+    data = parser.add_argument_group('data')
+    data.add_argument('--dataset', default='digits', help='digits (default), torch/cifar10, torch/cifar100 or an '
+                                                          'ImageFolder directory; the validation split is used')
+    data.add_argument('--data-dir', default=None, help='root of torch/cifar* (default ./data)')
+    data.add_argument('--cifar-c-dir', default=None, help='real CIFAR-10-C / CIFAR-100-C .npy files to read the '
+                                                          'noise corruptions from (default: computed on the fly)')
+    data.add_argument('--n-examples', type=int, default=None, help='the first N examples, in order (default: all)')
+    data.add_argument('--batch-size', type=int, default=128)
+    attacks = parser.add_argument_group('protocol')
+    attacks.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(DEFAULT_ATTACKS),
+                         help=f'default: {" ".join(DEFAULT_ATTACKS)} (clean accuracy is always measured)')
+    attacks.add_argument('--eps', nargs='+', type=_eps, default=[8 / 255], metavar='EPS',
+                         help='L∞ budgets in (0, 1], e.g. 8/255; the first is the leaderboard ε (default 8/255)')
+    attacks.add_argument('--steps', type=int, default=20, help='IFGSM / PGD steps (default 20)')
+    attacks.add_argument('--step-size', type=_eps, default=1 / 255, help='IFGSM / PGD step (default 1/255)')
+    attacks.add_argument('--autoattack-version', choices=AUTOATTACK_VERSIONS, default='standard',
+                         help="standard (leaderboard numbers) or fast (APGD-CE + APGD-T, 3 targets)")
+    attacks.add_argument('--blackbox-queries', type=int, default=1000,
+                         help='Square attack budget for the black-box trust check (0 skips it; default 1000)')
+    attacks.add_argument('--seed', type=int, default=0)
+    out = parser.add_argument_group('outputs')
+    out.add_argument('--output', default=None, help=f'directory for {", ".join(OUTPUT_FILES)}')
+    out.add_argument('--cards', action='store_true', help='also write OUTPUT/cards/NAME/README.md per checkpoint')
+    out.add_argument('--write-architecture-cards', default=None, metavar='DIR',
+                     help='write one card per registered architecture into DIR (e.g. model_cards/) and exit '
+                          'unless models are given too')
+    return parser
+
+
+def _split_name(value: str) -> Tuple[Optional[str], str]:
+    """``NAME=PATH`` → (NAME, PATH); a plain PATH → (None, PATH)."""
+    name, sep, path = value.partition('=')
+    return (name, path) if sep and name and os.sep not in name else (None, value)
+
+
+def _default_name(path: str) -> str:
+    """``runs/inresnet/export`` → ``inresnet``; ``weights/r20.safetensors`` → ``r20``."""
+    path = os.path.normpath(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem in ('export', 'model'):
+        return os.path.basename(os.path.dirname(path)) or stem
+    return stem
+
+
+def _load_entries(args: argparse.Namespace) -> List[EvalEntry]:
+    """Single models first (in the order given), then members of ensembles not listed already, then ensembles."""
+    if len(args.model) != len(args.weights):
+        raise EvaluationInputError(f'--model and --weights pair up in order: got {len(args.model)} --model and '
+                                   f'{len(args.weights)} --weights')
+    if not (args.checkpoints or args.model or args.ensemble):
+        raise EvaluationInputError('nothing to evaluate: pass --checkpoints, --model/--weights or --ensemble')
+    entries: List[EvalEntry] = []
+    by_path: Dict[str, EvalEntry] = {}
+
+    def add_export(value: str) -> EvalEntry:
+        name, path = _split_name(value)
+        key = os.path.abspath(path)
+        if key not in by_path:
+            by_path[key] = load_export_dir(path, name or _default_name(path))
+            entries.append(by_path[key])
+        return by_path[key]
+
+    for value in args.checkpoints:
+        add_export(value)
+    for model_name, value in zip(args.model, args.weights):
+        name, path = _split_name(value)
+        entries.append(load_weights_file(model_name, path, name or _default_name(path), args.model_kwargs))
+    ensembles = []
+    for value in args.ensemble:
+        name, sep, members = value.partition('=')
+        paths = [p for p in members.split(',') if p]
+        if not sep or not name or not paths:
+            raise EvaluationInputError(f'--ensemble takes NAME=DIR,DIR,...; got {value!r}')
+        ensembles.append(make_ensemble(name, [add_export(p) for p in paths], args.ensemble_combine))
+    entries += ensembles
+    duplicates = [name for name, count in Counter(e.name for e in entries).items() if count > 1]
+    if duplicates:
+        raise EvaluationInputError(f'several entries are named {", ".join(duplicates)}: give them names with NAME=PATH')
+    return entries
+
+
+def _check_entries_fit(entries: Sequence[EvalEntry], classes: Sequence[str], dataset: str) -> None:
+    for entry in entries:
+        if entry.num_classes != len(classes):
+            shown = ', '.join(classes[:5]) + (', …' if len(classes) > 5 else '')
+            raise EvaluationInputError(
+                f'{entry.name} ({entry.architecture}) has a {entry.num_classes}-class head but {dataset} has '
+                f'{len(classes)} classes ({shown})')
+    sizes = {entry.input_size for entry in entries}
+    if len(sizes) > 1:
+        raise EvaluationInputError(f'the models take different input sizes {sorted(sizes)}; evaluate them separately')
+
+
+def run(args: argparse.Namespace) -> Optional[dict]:
+    """Check the whole request, evaluate, and (on the main process) write the outputs; returns the leaderboard."""
+    protocol = AttackProtocol(
+        attacks=tuple(args.attacks), eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
+        autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries, seed=args.seed)
+    if args.output is None:
+        raise EvaluationInputError('--output DIR is required to evaluate')
+    entries = _load_entries(args)
+    images, labels, classes = load_evaluation_examples(args.dataset, args.data_dir, args.n_examples,
+                                                       entries[0].input_size)
+    _check_entries_fit(entries, classes, args.dataset)
+    noise = CifarCNoise(args.cifar_c_dir) if args.cifar_c_dir else ComputedNoise()
+    if args.cifar_c_dir:
+        noise.check_examples(labels, entries[0].input_size[1:])
+    accelerator = make_accelerator()
+    if accelerator.is_main_process:
+        os.makedirs(args.output, exist_ok=True)
+        print(f'evaluating {len(entries)} entries on {len(labels)} {args.dataset} examples '
+              f'({", ".join(protocol.attacks)}) on {accelerator.num_processes} process(es)', file=sys.stderr)
+
+    outcomes = evaluate(entries, images, labels, protocol, batch_size=args.batch_size, noise=noise,
+                        accelerator=accelerator)
+    if not accelerator.is_main_process:
+        return None
+    chance_acc = round(100.0 * max(Counter(labels.tolist()).values()) / len(labels), 2)
+    leaderboard = build_leaderboard(entries, outcomes, protocol, args.dataset, chance_acc, noise.source)
+    problems = validate(leaderboard, load_schema(SCHEMA_PATH))
+    if problems:
+        raise RuntimeError('the leaderboard does not match its schema:\n' + '\n'.join(problems))
+    write_json(leaderboard, os.path.join(args.output, 'leaderboard.json'))
+    write_markdown(leaderboard, os.path.join(args.output, 'leaderboard.md'))
+    write_csv(leaderboard, os.path.join(args.output, 'leaderboard.csv'))
+    plot_robustness_curves(leaderboard, os.path.join(args.output, 'robustness_curves.png'))
+    if args.cards:
+        from ..cards import checkpoint_card
+        for record in leaderboard['entries']:
+            if record['kind'] == 'model':
+                card_dir = os.path.join(args.output, 'cards', record['name'])
+                os.makedirs(card_dir, exist_ok=True)
+                checkpoint_card(record, leaderboard).save(os.path.join(card_dir, 'README.md'))
+    return leaderboard
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.write_architecture_cards:
+            from ..cards import write_architecture_cards
+            paths = write_architecture_cards(args.write_architecture_cards)
+            print(f'wrote {len(paths)} architecture cards to {args.write_architecture_cards}')
+            if not (args.checkpoints or args.model or args.ensemble):
+                return 0
+        leaderboard = run(args)
+    except (EvaluationInputError, CheckpointMismatchError, DatasetNotFoundError) as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    if leaderboard is not None:
+        with open(os.path.join(args.output, 'leaderboard.md')) as f:
+            sys.stdout.write(f.read())
+        print(f'\nwrote {", ".join(OUTPUT_FILES)}{" and cards/" if args.cards else ""} to {args.output}')
+    return 0

@@ -1,0 +1,174 @@
+"""Run the protocol on the first N evaluation examples for every entry, sharded over processes.
+
+Sharding: the N examples are cut into fixed global batches of ``batch_size`` (batch ``b`` holds examples
+``b·batch_size …``); process ``r`` of ``W`` (Accelerate: ``accelerate launch`` or ``torchrun``) runs batches
+``r, r + W, r + 2W, …`` and the per-example results are gathered on every process in batch order. Every random draw
+of a batch (noise, PGD's start, AutoAttack's and Square's seeds) is seeded from ``(seed, batch index, attack,
+ε index)``, and a batch is the same tensor whichever process runs it, so one process and many give the same
+numbers.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from timm.data import create_transform
+from tqdm.auto import tqdm
+
+from ..data import create_dataset, dataset_classes
+from .attacks import AttackProtocol, adversarial_examples, predict
+from .entries import EvalEntry, solver_stats_of
+from .errors import EvaluationInputError
+from .noise import NOISE_SEVERITIES, SEVERITIES, CifarCNoise, ComputedNoise
+from .seeding import derive_seed, seeded
+
+__all__ = [
+    'EntryOutcome', 'load_evaluation_examples', 'evaluate', 'aggregate_solver_stats', 'make_accelerator', 'PHASES',
+]
+
+# Every phase of the evaluation of one batch; the position of a phase keys its random seed.
+PHASES = ('clean', 'noise', 'fgsm', 'ifgsm', 'pgd', 'autoattack', 'blackbox', 'large_eps')
+NoiseSource = Union[ComputedNoise, CifarCNoise]
+
+
+@dataclass
+class EntryOutcome:
+    """Per-example correctness of one entry, over the N examples in order.
+
+    ``correct['clean']`` and ``correct['large_eps']`` have shape (N,), ``correct['noise']`` (4 corruptions, 5
+    severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack / blackbox`` (len(eps), N). ``solver_stats``
+    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver).
+    """
+    correct: Dict[str, torch.Tensor]
+    solver_stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+def make_accelerator() -> Accelerator:
+    """Accelerate's view of the launch. On a host without CUDA, processes started by ``torchrun`` or ``accelerate
+    launch --multi_gpu`` are CPU workers (gloo) even when the launcher was not told ``--cpu``; otherwise each of them
+    would believe it is alone and evaluate everything."""
+    launched_several = int(os.environ.get('WORLD_SIZE', '1')) > 1
+    return Accelerator(cpu=launched_several and not torch.cuda.is_available())
+
+
+def load_evaluation_examples(
+        dataset: str,
+        data_dir: Optional[str],
+        n_examples: Optional[int],
+        input_size: Sequence[int],
+) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """The first ``n_examples`` (all when None) of the ``'validation'`` split, in order, as [0, 1] images of
+    ``input_size`` (timm's eval transform with mean 0 / std 1), their labels and the dataset's class names."""
+    transform = create_transform(tuple(input_size), crop_pct=1.0, interpolation='bilinear', mean=(0, 0, 0),
+                                 std=(1, 1, 1))
+    ds = create_dataset(dataset, root=data_dir, split='validation', transform=transform)
+    n = len(ds) if n_examples is None else n_examples
+    if not 0 < n <= len(ds):
+        raise EvaluationInputError(f'--n-examples must be in 1..{len(ds)} for {dataset}, got {n_examples}')
+    images, labels = zip(*(ds[i] for i in range(n)))
+    return torch.stack(images), torch.tensor(labels), dataset_classes(ds)
+
+
+def aggregate_solver_stats(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Combine per-batch ``solver_stats()`` snapshots (in batch order): booleans by ``all``, keys ending in
+    ``_max`` by ``max``, other numbers by their mean."""
+    out = {}
+    for key in sorted({k for s in snapshots for k in s}):
+        values = [s[key] for s in snapshots if key in s]
+        if all(isinstance(v, bool) for v in values):
+            out[key] = all(values)
+        elif key.endswith('_max'):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def _evaluate_batch(
+        entry: EvalEntry,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        noisy: Dict[Tuple[str, int], torch.Tensor],
+        protocol: AttackProtocol,
+        batch_seed: int,
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]]]:
+    """Correctness of ``entry`` on one batch for every phase of the protocol, and its solver stats per phase."""
+    model, device = entry.module, images.device
+    correct, solver_stats = {}, {}
+
+    def record(phase: str, is_correct: torch.Tensor) -> None:
+        correct[phase] = is_correct.cpu()
+        stats = solver_stats_of(model)
+        if stats:
+            solver_stats[phase] = stats
+
+    def attacked(attack: str, eps: float, eps_index: int) -> torch.Tensor:
+        seed = derive_seed(batch_seed, PHASES.index(attack), eps_index)
+        with seeded(seed, device):
+            adversarial = adversarial_examples(attack, model, images, labels, eps, protocol, entry.num_classes, seed)
+        return predict(model, adversarial) == labels
+
+    record('clean', predict(model, images) == labels)
+    if 'noise' in protocol.attacks:
+        record('noise', torch.stack([
+            torch.stack([predict(model, noisy[corruption, severity].to(device)) == labels for severity in SEVERITIES])
+            for corruption in NOISE_SEVERITIES
+        ]))
+    for attack in protocol.white_box + (('blackbox',) if protocol.runs_blackbox else ()):
+        record(attack, torch.stack([attacked(attack, eps, i) for i, eps in enumerate(protocol.eps)]))
+    if protocol.runs_large_eps:
+        record('large_eps', attacked('large_eps', protocol.large_eps, 0))
+    return correct, solver_stats
+
+
+def evaluate(
+        entries: Sequence[EvalEntry],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        protocol: AttackProtocol,
+        batch_size: int = 128,
+        noise: Optional[NoiseSource] = None,
+        accelerator: Optional[Accelerator] = None,
+) -> Dict[str, EntryOutcome]:
+    """Evaluate every entry on ``images`` (N, C, H, W in [0, 1]) / ``labels``; see the module docstring for how the
+    work is shared between processes. Returns the outcome of each entry by name, on every process."""
+    accelerator = accelerator or make_accelerator()
+    noise = noise or ComputedNoise()
+    if batch_size < 1:
+        raise EvaluationInputError(f'--batch-size must be positive, got {batch_size}')
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        raise EvaluationInputError(f'entry names must be unique, got {names}')
+    for entry in entries:
+        entry.module.to(accelerator.device).eval()
+    starts = range(0, len(labels), batch_size)
+    my_batches = list(enumerate(starts))[accelerator.process_index::accelerator.num_processes]
+
+    records = []
+    progress = tqdm(total=len(my_batches) * len(entries), desc='robustness', unit='batch·model',
+                    disable=not accelerator.is_main_process)
+    for batch_index, start in my_batches:
+        indices = list(range(start, min(start + batch_size, len(labels))))
+        batch_seed = derive_seed(protocol.seed, batch_index)
+        noisy = noise.corrupted(images[indices], indices, batch_seed) if 'noise' in protocol.attacks else {}
+        x, y = images[indices].to(accelerator.device), labels[indices].to(accelerator.device)
+        for entry in entries:
+            progress.set_postfix_str(entry.name)
+            correct, stats = _evaluate_batch(entry, x, y, noisy, protocol, batch_seed)
+            records.append((batch_index, entry.name, correct, stats))
+            progress.update()
+    progress.close()
+
+    if accelerator.num_processes > 1:
+        records = gather_object(records)
+    records.sort(key=lambda record: record[0])
+    outcomes = {}
+    for entry in entries:
+        mine = [(correct, stats) for _, name, correct, stats in records if name == entry.name]
+        correct = {phase: torch.cat([c[phase] for c, _ in mine], dim=-1) for phase in mine[0][0]}
+        phases = [p for p in PHASES if any(p in s for _, s in mine)]
+        solver_stats = {p: aggregate_solver_stats([s[p] for _, s in mine if p in s]) for p in phases}
+        outcomes[entry.name] = EntryOutcome(correct, solver_stats)
+    return outcomes

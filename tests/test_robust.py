@@ -1,0 +1,478 @@
+"""Robustness evaluation: the attacks against analytic answers and their constraints, the CIFAR-10-C noise,
+ensembles, the trust-check flags on models built to trip them, determinism, sharding over two processes, the
+leaderboard files and their schema, and the command line's errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+from typing import Dict
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from huggingface_hub import ModelCard
+
+from odenet_timm.data import create_dataset
+from odenet_timm.models._common import CIFAR10_MEAN, CIFAR10_STD
+from odenet_timm.robust import (
+    NOISE_SEVERITIES, SCHEMA_PATH, AttackProtocol, CifarCNoise, ComputedNoise, EvalEntry, EvaluationInputError,
+    NormalizedModel, adversarial_examples, build_leaderboard, corrupt, evaluate, load_evaluation_examples,
+    load_schema, make_ensemble, validate,
+)
+from odenet_timm.robust.attacks import predict
+from odenet_timm.robust.evaluator import aggregate_solver_stats
+from odenet_timm.robust.cli import main
+from odenet_timm.robust.seeding import seeded
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device('cpu')
+TINY = dict(layers=[1, 1, 1], widths=[4, 8, 8], stem_width=4)  # a few thousand parameters: fast to attack
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    """The attacks are many small forward/backward passes: on 2 shared cores one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def digits():
+    """The first 32 validation digits as [0, 1] images."""
+    images, labels, _ = load_evaluation_examples('digits', None, 32, (3, 32, 32))
+    return images, labels
+
+
+@pytest.fixture(scope='module')
+def linear_model():
+    """A linear classifier (on normalized input) trained on the digits training split: 97% clean accuracy on the
+    first 32 validation digits, 56% under FGSM at 8/255."""
+    train = create_dataset('digits', split='train', transform=T.ToTensor())
+    x, y = torch.stack([train[i][0] for i in range(len(train))]), torch.tensor(train.targets)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = NormalizedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), CIFAR10_MEAN, CIFAR10_STD)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(100):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _entry(name, module, num_classes=10):
+    return EvalEntry(name=name, module=module.eval(), architecture=type(module).__name__, num_classes=num_classes,
+                     input_size=(3, 32, 32))
+
+
+# -- attacks -----------------------------------------------------------------------------------------------------
+def test_fgsm_gives_the_analytic_adversarial_example_of_a_linear_classifier():
+    # Two classes, z = W (x − mean) / std + b: the input gradient of the cross-entropy for label 0 is
+    # p_1 (W_1 − W_0) / std, so FGSM must step by ε·sign(W_1 − W_0) (and the opposite way for label 1).
+    torch.manual_seed(0)
+    linear = nn.Linear(3 * 8 * 8, 2)
+    nn.init.normal_(linear.weight, std=0.01)
+    model = NormalizedModel(nn.Sequential(nn.Flatten(), linear), CIFAR10_MEAN, CIFAR10_STD).eval()
+    images, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1, 0])
+    direction = (linear.weight[1] - linear.weight[0]).detach().sign().view(3, 8, 8)
+    assert (direction != 0).all()
+    eps = 8 / 255
+    expected = (images + eps * torch.where(labels.view(-1, 1, 1, 1) == 0, direction, -direction)).clamp(0, 1)
+    adversarial = adversarial_examples('fgsm', model, images, labels, eps, AttackProtocol(), 2, seed=0)
+    assert torch.equal(adversarial, expected)
+
+
+@pytest.mark.parametrize('attack', ['ifgsm', 'pgd'])
+def test_iterative_attacks_stay_in_the_eps_ball_around_the_clean_image_and_in_the_image_range(
+        attack, linear_model, digits):
+    images, labels = digits
+    eps = 4 / 255  # 20 steps of 1/255 would reach 20/255 without the projection around the clean image
+    protocol = AttackProtocol(attacks=(attack,), eps=(eps,))
+    with seeded(1, CPU):
+        adversarial = adversarial_examples(attack, linear_model, images, labels, eps, protocol, 10, seed=1)
+    distance = (adversarial - images).abs().amax(dim=(1, 2, 3))
+    assert distance.max() <= eps + 1e-6 and distance.max() >= eps - 1e-6  # reaches the boundary, not beyond
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert (predict(linear_model, adversarial) != predict(linear_model, images)).any()
+    with seeded(1, CPU):
+        again = adversarial_examples(attack, linear_model, images, labels, eps, protocol, 10, seed=1)
+    assert torch.equal(adversarial, again)
+    with seeded(2, CPU):
+        other = adversarial_examples(attack, linear_model, images, labels, eps, protocol, 10, seed=2)
+    assert torch.equal(adversarial, other) == (attack == 'ifgsm')  # only PGD has a random start
+
+
+def test_protocol_rejects_bad_requests():
+    for eps in (0.0, -0.1, 1.5):
+        with pytest.raises(EvaluationInputError, match=r'\(0, 1\]'):
+            AttackProtocol(eps=(eps,))
+    with pytest.raises(EvaluationInputError, match='unknown attack'):
+        AttackProtocol(attacks=('fgsm', 'cw'))
+    assert AttackProtocol(attacks=('pgd', 'fgsm')).attacks == ('clean', 'fgsm', 'pgd')  # clean always measured
+
+
+# -- noise -------------------------------------------------------------------------------------------------------
+def test_noise_severities_are_the_cifar10c_constants():
+    assert NOISE_SEVERITIES == {
+        'gaussian_noise': (0.04, 0.06, 0.08, 0.09, 0.10),
+        'shot_noise': (500, 250, 100, 75, 50),
+        'impulse_noise': (0.01, 0.02, 0.03, 0.05, 0.07),
+        'speckle_noise': (0.06, 0.1, 0.12, 0.16, 0.2),
+    }
+    grey = torch.full((8, 3, 64, 64), 128 / 255)  # away from the clipping bounds
+    for severity in range(1, 6):
+        generator = torch.Generator().manual_seed(severity)
+        sigma = NOISE_SEVERITIES['gaussian_noise'][severity - 1]
+        assert corrupt(grey, 'gaussian_noise', severity, generator).std().item() == pytest.approx(sigma, rel=0.03)
+        c = NOISE_SEVERITIES['shot_noise'][severity - 1]
+        shot = corrupt(grey, 'shot_noise', severity, generator)
+        assert shot.var().item() == pytest.approx(128 / 255 / c, rel=0.05)  # Poisson(c·x) / c
+        amount = NOISE_SEVERITIES['impulse_noise'][severity - 1]
+        impulse = corrupt(grey, 'impulse_noise', severity, generator)
+        assert ((impulse == 0) | (impulse == 1)).float().mean().item() == pytest.approx(amount, rel=0.05)
+        sigma = NOISE_SEVERITIES['speckle_noise'][severity - 1]
+        speckle = corrupt(grey, 'speckle_noise', severity, generator)
+        assert speckle.std().item() == pytest.approx(sigma * 128 / 255, rel=0.03)
+    for noisy in (shot, impulse, speckle):  # stored as 8-bit images, like CIFAR-10-C
+        assert noisy.min() >= 0 and noisy.max() <= 1 and torch.equal(noisy * 255, (noisy * 255).round())
+
+
+def test_computed_noise_is_reproducible_under_a_seed(digits):
+    images = digits[0][:4]
+    first, again, other = (ComputedNoise().corrupted(images, range(4), seed) for seed in (7, 7, 8))
+    assert set(first) == {(c, s) for c in NOISE_SEVERITIES for s in range(1, 6)}
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+    assert not torch.equal(first['gaussian_noise', 1], first['gaussian_noise', 2])
+
+
+def _write_cifar_c(directory, labels, rows_per_severity):
+    os.makedirs(directory, exist_ok=True)
+    n = 5 * rows_per_severity
+    for i, name in enumerate(NOISE_SEVERITIES):
+        np.save(os.path.join(directory, f'{name}.npy'),
+                (np.arange(n * 32 * 32 * 3).reshape(n, 32, 32, 3) * (i + 1) % 256).astype(np.uint8))
+    np.save(os.path.join(directory, 'labels.npy'), np.tile(labels, 5))
+
+
+def test_cifar_c_files_are_read_by_row_and_checked_against_the_labels(tmp_path, digits):
+    labels = digits[1][:6].numpy()
+    _write_cifar_c(tmp_path, labels, rows_per_severity=6)
+    noise = CifarCNoise(str(tmp_path))
+    noise.check_examples(torch.from_numpy(labels[:4]), (32, 32))
+    batch = noise.corrupted(digits[0][2:4], [2, 3], seed=0)
+    stored = np.load(tmp_path / 'shot_noise.npy')
+    assert torch.equal(batch['shot_noise', 3][1], torch.from_numpy(stored[2 * 6 + 3]).permute(2, 0, 1) / 255)
+    with pytest.raises(EvaluationInputError, match='labels.npy does not match'):
+        noise.check_examples(torch.from_numpy(labels[:4][::-1].copy()), (32, 32))
+    with pytest.raises(EvaluationInputError, match='exceeds'):
+        noise.check_examples(digits[1][:7], (32, 32))
+    os.remove(tmp_path / 'impulse_noise.npy')
+    with pytest.raises(EvaluationInputError, match='impulse_noise.npy'):
+        CifarCNoise(str(tmp_path))
+
+
+# -- ensembles ----------------------------------------------------------------------------------------------------
+def test_an_ensemble_of_identical_members_equals_the_single_model(linear_model, digits):
+    images, labels = digits
+    single = _entry('single', linear_model)
+    ensemble = make_ensemble('ensemble', [single, single, single])
+    assert ensemble.number_forward_passes == 3
+    with torch.no_grad():
+        assert torch.allclose(ensemble.module(images), F.log_softmax(linear_model(images), dim=1), atol=1e-5)
+    protocol = AttackProtocol(eps=(2 / 255, 8 / 255), blackbox_queries=50)
+    outcomes = evaluate([single, ensemble], images, labels, protocol, batch_size=16)
+    for phase, correct in outcomes['single'].correct.items():
+        assert torch.equal(outcomes['ensemble'].correct[phase], correct), phase
+    assert 0 < outcomes['single'].correct['pgd'][1].float().mean() < 1  # a non-trivial comparison
+
+
+# -- trust checks ---------------------------------------------------------------------------------------------------
+def _on_grid(x: torch.Tensor) -> torch.Tensor:
+    """Whether each value is a multiple of 1/255 (clean 8-bit images are; PGD's random start is not)."""
+    return ((x * 255) - (x * 255).round()).abs() < 1e-3
+
+
+class _GradientReversedOffGrid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return torch.where(_on_grid(x), grad, -grad)
+
+
+class MisleadingGradientOffGrid(nn.Module):
+    """Honest gradients on 8-bit images (FGSM works), reversed ones elsewhere: PGD's random start leads it uphill."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(_GradientReversedOffGrid.apply(x))
+
+
+class FlipsLogitsOffGrid(nn.Module):
+    """Negates its logits once pixels leave the 8-bit grid: FGSM at ε = 0.5/255 fools it, at 1/255 it does not."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        off_grid = (~_on_grid(x)).float().mean(dim=(1, 2, 3)).mul(10).clamp(max=1)
+        return self.model(x) * (1 - 2 * off_grid).view(-1, 1)
+
+
+class ZeroGradient(nn.Module):
+    """``model(q(x))`` with ``q`` rounding to the 8-bit grid (``binarize=False``) or thresholding at 0.5: the same
+    predictions on clean images, no input gradient at all."""
+
+    def __init__(self, model, binarize):
+        super().__init__()
+        self.model, self.binarize = model, binarize
+
+    def forward(self, x):
+        q = (x > 0.5).float() if self.binarize else torch.round(x * 255) / 255
+        return self.model(q + 0 * x)
+
+
+class MaskedUnderAutoAttack(nn.Module):
+    """Gives zero input gradients while pyautoattack is on the call stack, honest ones otherwise."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_globals.get('__name__', '').startswith('pyautoattack'):
+                return self.model(x.detach() + 0 * x)
+            frame = frame.f_back
+        return self.model(x)
+
+
+TRUST_PROTOCOL = AttackProtocol(attacks=('fgsm', 'ifgsm', 'pgd', 'autoattack'), eps=(4 / 255, 8 / 255),
+                                autoattack_version='fast', blackbox_queries=300)
+
+
+def _flags(entry, digits, protocol=TRUST_PROTOCOL) -> Dict:
+    images, labels = digits
+    outcomes = evaluate([entry], images, labels, protocol, batch_size=32)
+    record = build_leaderboard([entry], outcomes, protocol, 'digits', chance_acc=15.62, noise_source='computed')
+    assert validate(record, load_schema(SCHEMA_PATH)) == []
+    return record['entries'][0]
+
+
+def test_no_flag_fires_on_a_normal_model(linear_model, digits):
+    record = _flags(_entry('linear', linear_model), digits)
+    assert record['flags'] == dict.fromkeys(record['flags'], False)
+    assert not record['unreliable'] and record['flag_details'] == []
+
+
+@pytest.mark.parametrize('flag, make, eps', [
+    ('iterative_above_fgsm', MisleadingGradientOffGrid, None),
+    ('accuracy_rises_with_eps', FlipsLogitsOffGrid, (0.5 / 255, 1 / 255)),
+    ('above_chance_at_large_eps', lambda m: ZeroGradient(m, binarize=True), None),
+    ('autoattack_above_pgd', MaskedUnderAutoAttack, None),
+    ('blackbox_beats_whitebox', lambda m: ZeroGradient(m, binarize=False), None),
+])
+def test_each_flag_fires_on_a_model_built_to_trip_it(flag, make, eps, linear_model, digits):
+    protocol = TRUST_PROTOCOL if eps is None else AttackProtocol(
+        attacks=TRUST_PROTOCOL.attacks, eps=eps, autoattack_version='fast', blackbox_queries=300)
+    record = _flags(_entry(flag, make(linear_model)), digits, protocol)
+    assert record['flags'][flag] is True, record['curves']
+    assert record['unreliable'] and any(d.startswith(flag) for d in record['flag_details'])
+
+
+def test_flags_are_unchecked_without_the_attacks_they_compare(linear_model, digits):
+    record = _flags(_entry('linear', linear_model), digits, AttackProtocol(attacks=('noise',)))
+    assert record['flags'] == dict.fromkeys(record['flags'], None)
+    assert record['worst_case_acc'] is None and record['noise_acc'] is not None
+
+
+class _CountingSolver(NormalizedModel):
+    """A model 'with a solver': solver_stats() reports how many iterations its last forward took."""
+
+    def forward(self, images):
+        self.last_iterations = 3 + len(images) % 2
+        return super().forward(images)
+
+    def solver_stats(self):
+        return {'forward_iterations_max': self.last_iterations, 'forward_converged': True}
+
+
+def test_solver_stats_are_recorded_per_phase(linear_model, digits):
+    model = _CountingSolver(linear_model.model, CIFAR10_MEAN, CIFAR10_STD)
+    record = _flags(_entry('solver', model), digits, AttackProtocol(attacks=('fgsm',), blackbox_queries=0))
+    assert record['solver_stats'] == {
+        phase: {'forward_converged': True, 'forward_iterations_max': 3} for phase in ('clean', 'fgsm', 'large_eps')}
+    assert _flags(_entry('plain', linear_model), digits, AttackProtocol(attacks=()))['solver_stats'] is None
+
+
+def test_solver_stats_of_the_batches_combine_by_kind():
+    snapshots = [{'forward_iterations_max': 3, 'forward_iterations_mean': 2.0, 'converged': True},
+                 {'forward_iterations_max': 5, 'forward_iterations_mean': 4.0, 'converged': False, 'solves': 6}]
+    assert aggregate_solver_stats(snapshots) == {
+        'forward_iterations_max': 5, 'forward_iterations_mean': 3.0, 'converged': False, 'solves': 6}
+
+
+# -- the command line: determinism, two processes, outputs, schema ----------------------------------------------
+def _train_briefly(model, epochs=2):
+    """A few hundred SGD steps on the digits training split: enough for accuracies well above chance."""
+    train = create_dataset('digits', split='train', transform=T.Compose([T.ToTensor(), T.Normalize(
+        model.pretrained_cfg['mean'], model.pretrained_cfg['std'])]))
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def exports(tmp_path_factory):
+    """Three tiny export directories of briefly trained models, as train.py writes them."""
+    root = tmp_path_factory.mktemp('runs')
+    paths = {}
+    for seed, (name, arch) in enumerate([('resnet', 'cifar_resnet_20'), ('inres_a', 'inresnet_20'),
+                                         ('inres_b', 'inresnet_20')]):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = _train_briefly(timm.create_model(arch, **TINY))
+        paths[name] = str(root / name / 'export')
+        timm.models.save_for_hf(model, paths[name], safe_serialization=True)
+    return paths
+
+
+def _cli_args(exports, output, seed=0):
+    return ['--checkpoints', exports['resnet'], '--ensemble', f"ens={exports['inres_a']},{exports['inres_b']}",
+            '--n-examples', '12', '--batch-size', '4', '--eps', '4/255', '8/255', '--steps', '5',
+            '--blackbox-queries', '10', '--seed', str(seed), '--output', str(output)]
+
+
+@pytest.fixture(scope='module')
+def cli_run(exports, tmp_path_factory):
+    output = tmp_path_factory.mktemp('leaderboard')
+    assert main(_cli_args(exports, output) + ['--cards']) == 0
+    return output
+
+
+def test_the_leaderboard_files(cli_run, exports):
+    leaderboard = json.loads((cli_run / 'leaderboard.json').read_text())
+    assert validate(leaderboard, load_schema(SCHEMA_PATH)) == []
+    records = {e['name']: e for e in leaderboard['entries']}
+    assert set(records) == {'resnet', 'inres_a', 'inres_b', 'ens'}
+    assert [e['rank'] for e in leaderboard['entries']] == [1, 2, 3, 4]
+    ens = records['ens']
+    assert ens['kind'] == 'ensemble' and ens['number_forward_passes'] == 2 and ens['ensemble']['members'] == [
+        'inres_a', 'inres_b']
+    assert ens['ensemble']['improvement']['pgd_acc'] == pytest.approx(
+        ens['pgd_acc'] - (records['inres_a']['pgd_acc'] + records['inres_b']['pgd_acc']) / 2, abs=0.011)
+    resnet = records['resnet']
+    assert resnet['architecture'] == 'cifar_resnet_20' and resnet['checkpoint']['path'] == exports['resnet']
+    assert resnet['params'] == sum(p.numel() for p in timm.create_model('cifar_resnet_20', **TINY).parameters())
+    assert resnet['eps_labels'] == ['4/255', '8/255'] and resnet['n_examples'] == 12
+    assert set(resnet['noise']) == set(NOISE_SEVERITIES) and resnet['noise_source'] == 'computed'
+    assert resnet['versions']['torchattacks'] and resnet['versions']['pyautoattack']
+    assert resnet['worst_case_acc'] <= min(resnet['fgsm_acc'], resnet['ifgsm_acc'], resnet['pgd_acc'])
+
+    markdown = (cli_run / 'leaderboard.md').read_text()
+    assert '| rank | name |' in markdown and 'trust flags' in markdown and '## Ensembles' in markdown
+    assert 'improvement' in markdown and 'iterative_above_fgsm' in markdown
+    csv_lines = (cli_run / 'leaderboard.csv').read_text().splitlines()
+    assert csv_lines[0].startswith('rank,name,kind') and len(csv_lines) == 5
+    assert (cli_run / 'robustness_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+    card = ModelCard.load(cli_run / 'cards' / 'resnet' / 'README.md')
+    assert card.data.library_name == 'timm'
+    results = {r.metric_config: r.metric_value for r in card.data.eval_results}
+    assert results['clean_acc'] == resnet['clean_acc'] and results['pgd_acc'] == resnet['pgd_acc']
+    assert f"timm.create_model('local-dir:{exports['resnet']}'" in card.text
+    assert not (cli_run / 'cards' / 'ens').exists()  # cards are per checkpoint
+
+
+def test_the_same_seed_gives_an_identical_leaderboard(cli_run, exports, tmp_path):
+    assert main(_cli_args(exports, tmp_path)) == 0
+    assert (tmp_path / 'leaderboard.json').read_text() == (cli_run / 'leaderboard.json').read_text()
+
+
+def test_two_processes_give_the_same_leaderboard_as_one(cli_run, exports, tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU='true', OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               os.path.join(REPO, 'eval_robust.py'), *_cli_args(exports, tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'on 2 process(es)' in result.stderr
+    assert (tmp_path / 'leaderboard.json').read_text() == (cli_run / 'leaderboard.json').read_text()
+
+
+def test_the_schema_validator_reports_violations(cli_run):
+    leaderboard = json.loads((cli_run / 'leaderboard.json').read_text())
+    entry = leaderboard['entries'][0]
+    del entry['clean_acc']
+    entry['pgd_acc'] = 130.0
+    entry['flags']['iterative_above_fgsm'] = 'yes'
+    entry['checkpoint']['sha256'] = 'not-a-hash'
+    problems = validate(leaderboard, load_schema(SCHEMA_PATH))
+    assert any("missing required 'clean_acc'" in p for p in problems)
+    assert any('pgd_acc: 130.0 > maximum 100' in p for p in problems)
+    assert any('iterative_above_fgsm: expected boolean or null' in p for p in problems)
+    assert any('sha256' in p for p in problems)
+
+
+# -- bad input: clear errors before any work ------------------------------------------------------------------------
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_fails_early_with_a_clear_message(exports, tmp_path, capsys):
+    out = ['--output', str(tmp_path / 'out')]
+    resnet_weights = os.path.join(exports['resnet'], 'model.safetensors')
+    err = _error(capsys, ['--model', 'cifar_resnet_20', '--weights', resnet_weights, *out])
+    assert 'does not fit cifar_resnet_20' in err and resnet_weights in err and 'shape mismatch' in err
+    assert 'does not exist' in _error(capsys, ['--checkpoints', str(tmp_path / 'missing' / 'export'), *out])
+    assert 'weights file' in _error(capsys, ['--model', 'cifar_resnet_20', '--weights', str(tmp_path / 'w.safetensors'),
+                                             *out])
+    (tmp_path / 'empty').mkdir()
+    assert 'not a timm export' in _error(capsys, ['--checkpoints', str(tmp_path / 'empty'), *out])
+    for eps in ('0', '1.5', '-8/255'):
+        assert '(0, 1]' in _error(capsys, ['--checkpoints', exports['resnet'], f'--eps={eps}', *out])
+    assert 'cannot read ε' in _error(capsys, ['--checkpoints', exports['resnet'], '--eps', '8/0', *out])
+    assert "invalid choice: 'cw'" in _error(capsys, ['--checkpoints', exports['resnet'], '--attacks', 'fgsm', 'cw', *out])
+    three_classes = str(tmp_path / 'three' / 'export')
+    timm.models.save_for_hf(timm.create_model('cifar_resnet_20', num_classes=3, **TINY), three_classes,
+                            safe_serialization=True)
+    err = _error(capsys, ['--checkpoints', three_classes, *out])
+    assert '3-class head but digits has 10 classes' in err
+    assert 'unknown model' in _error(capsys, ['--model', 'no_such_net', '--weights', resnet_weights, *out])
+    assert 'nothing to evaluate' in _error(capsys, out)
+    assert not (tmp_path / 'out' / 'leaderboard.json').exists()
+
+
+def test_weights_files_load_with_model_kwargs(exports, tmp_path):
+    weights = os.path.join(exports['resnet'], 'model.safetensors')
+    args = ['--model', 'cifar_resnet_20', '--weights', f'r20={weights}', '--model-kwargs', 'layers=[1,1,1]',
+            'widths=[4,8,8]', 'stem_width=4', '--attacks', 'clean', '--n-examples', '8', '--output', str(tmp_path)]
+    assert main(args) == 0
+    record = json.loads((tmp_path / 'leaderboard.json').read_text())['entries'][0]
+    assert record['name'] == 'r20' and record['checkpoint']['path'] == weights and record['flags'] == dict.fromkeys(
+        record['flags'])
