@@ -91,29 +91,30 @@ class AdditiveCoupling(nn.Module):
         beta = f' + {self.source_scale:g}·x{self.source}' if self.source_scale else ''
         return f'x{self.target} ← {sign}x{self.target}{beta} + {self.scale:g}·fn(x{self.source})'
 
-    def update(self, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
-        """``β·x_s + γ·φ(x_s)`` given ``φ(x_s)``: the part of the step that does not depend on ``x_t``."""
-        update = self.scale * fx
-        return update + self.source_scale * x_source if self.source_scale else update
+    def combine(self, x_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """The step's new ``x_t = ±x_t + β·x_s + γ·fx`` given ``fx = φ(x_s)`` (one new tensor)."""
+        out = torch.add(x_target, fx, alpha=-self.scale if self.negate_target else self.scale)
+        if self.negate_target:
+            out.neg_()
+        return out.add_(x_source, alpha=self.source_scale) if self.source_scale else out
 
-    def _apply_update(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        # ±x + u, and its inverse ±(y − u): the same expression with (x, u) → (y, u).
-        return update - x if self.negate_target else x + update
+    def uncombine(self, y_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``y_target``."""
+        y_target.sub_(fx, alpha=self.scale)
+        if self.source_scale:
+            y_target.sub_(x_source, alpha=self.source_scale)
+        return y_target.neg_() if self.negate_target else y_target
 
     def forward(self, state: State) -> State:
         x_source = state[self.source]
         out = list(state)
-        out[self.target] = self._apply_update(state[self.target], self.update(x_source, self.fn(x_source)))
+        out[self.target] = self.combine(state[self.target], x_source, self.fn(x_source))
         return tuple(out)
-
-    def reconstruct_target(self, y_target: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        """``x_t`` from the step's output ``y_t`` and ``update = β·x_s + γ·φ(x_s)``."""
-        return update - y_target if self.negate_target else y_target - update
 
     def inverse(self, state: State) -> State:
         x_source = state[self.source]
         out = list(state)
-        out[self.target] = self.reconstruct_target(state[self.target], self.update(x_source, self.fn(x_source)))
+        out[self.target] = self.uncombine(state[self.target].clone(), x_source, self.fn(x_source))
         return tuple(out)
 
 
@@ -206,9 +207,11 @@ class ReversibleSequenceFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs: torch.Tensor):
         saved = ctx.saved_tensors
-        state = [t.detach() for t in saved[:ctx.num_outputs]]
+        # Backward owns copies of the state and of the incoming gradients and updates them in place, step by
+        # step: a fixed set of state-sized buffers instead of fresh ones per step (less allocator churn).
+        state = [t.detach().clone() for t in saved[:ctx.num_outputs]]
         kept = list(saved[ctx.num_outputs:])
-        grads = list(grad_outputs)
+        grads = [g.clone() for g in grad_outputs]
         param_grads: List[Optional[torch.Tensor]] = [None] * ctx.num_params
 
         def accumulate(step: Step, params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]]):
@@ -228,34 +231,38 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     ctx.rng_states[index].restore()
                 params = _step_parameters(step)
                 if isinstance(step, AdditiveCoupling):
-                    state, grads, step_grads = _coupling_backward(step, state, grads, params)
+                    step_grads = _coupling_backward(step, state, grads, params)
                 else:
                     size = kept_sizes.pop()
                     step_inputs, kept = kept[len(kept) - size:], kept[:len(kept) - size]
-                    state, grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
+                    grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
+                    state = [t.detach().clone() for t in step_inputs]
                 accumulate(step, params, step_grads)
         input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
         return (None, None, None, *input_grads, *param_grads)
 
 
 def _coupling_backward(step: AdditiveCoupling, state, grads, params):
-    """Reconstruct the coupling's input from its output and push the gradients through it."""
+    """Reconstruct the coupling's input from its output and push the gradients through it, updating the
+    (backward-owned) ``state`` and ``grads`` lists in place."""
     t, s = step.target, step.source
     x_source = state[s].detach().requires_grad_()
     grad_target = grads[t]
     # Buffers are restored only after autograd.grad: BatchNorm saves its running statistics for backward.
     with _buffers_restored(step):
         with torch.enable_grad():
-            update = step.update(x_source, step.fn(x_source))
+            fx = step.fn(x_source)
         found = torch.autograd.grad(
-            update, [x_source, *params], grad_outputs=grad_target.to(update.dtype), allow_unused=True)
-    state = list(state)
-    state[t] = step.reconstruct_target(state[t], update.detach())
-    grads = list(grads)
-    grads[t] = -grad_target if step.negate_target else grad_target
+            fx, [x_source, *params], grad_outputs=(grad_target * step.scale).to(fx.dtype), allow_unused=True)
+    step.uncombine(state[t], state[s], fx.detach())
+    # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t
     if found[0] is not None:
-        grads[s] = grads[s] + found[0]
-    return state, grads, found[1:]
+        grads[s].add_(found[0])
+    if step.source_scale:
+        grads[s].add_(grad_target, alpha=step.source_scale)
+    if step.negate_target:
+        grad_target.neg_()
+    return found[1:]
 
 
 def _recompute_backward(step: Step, step_inputs, grads, params):
@@ -270,11 +277,13 @@ def _recompute_backward(step: Step, step_inputs, grads, params):
             [o for o, _ in pairs], [*wrt, *params], grad_outputs=[g.to(o.dtype) for o, g in pairs],
             allow_unused=True) if pairs else [None] * (len(wrt) + len(params))
     by_input = dict(zip(map(id, wrt), found))
-    input_grads = []
+    input_grads, seen = [], {id(g) for g in grads}
     for x in inputs:
         g = by_input.get(id(x))
-        input_grads.append(torch.zeros_like(x) if g is None else g)
-    return [t.detach() for t in step_inputs], input_grads, found[len(wrt):]
+        g = torch.zeros_like(x) if g is None else g.clone() if id(g) in seen else g  # backward updates them in place
+        seen.add(id(g))
+        input_grads.append(g)
+    return input_grads, found[len(wrt):]
 
 
 def reversible_sequence(

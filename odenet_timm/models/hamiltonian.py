@@ -90,7 +90,7 @@ class SymmetricLayer(nn.Module):
         return F.conv_transpose2d(u, self.weight, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_transpose(F.relu(self.norm2(self.conv(self.norm1(x)))))
+        return self.conv_transpose(F.relu(self.norm2(self.conv(self.norm1(x))), inplace=True))
 
 
 # -- units: reversible steps on the state tuple ------------------------------------------------------------------
