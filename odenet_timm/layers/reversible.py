@@ -99,7 +99,8 @@ class AdditiveCoupling(nn.Module):
         return out.add_(x_source, alpha=self.source_scale) if self.source_scale else out
 
     def uncombine(self, y_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``y_target``."""
+        """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``y_target``.
+        """
         y_target.sub_(fx, alpha=self.scale)
         if self.source_scale:
             y_target.sub_(x_source, alpha=self.source_scale)
@@ -158,6 +159,10 @@ class _RngState:
         torch.set_rng_state(self.cpu)
         set_device_states(self.devices, self.device_states, device_type=self.device_type)
 
+    def same_as(self, other: '_RngState') -> bool:
+        return torch.equal(self.cpu, other.cpu) and all(
+            torch.equal(a, b) for a, b in zip(self.device_states, other.device_states))
+
 
 class ReversibleSequenceFunction(torch.autograd.Function):
     """``(state…, params…) → final state`` through ``steps``, keeping only the final state and the inputs of
@@ -172,9 +177,8 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         inputs, params = tensors[:num_state], tensors[num_state:]
         device_type = inputs[0].device.type
         ctx.steps = steps
-        ctx.num_inputs = num_state
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
-        ctx.num_params = len(params)
+        ctx.params = params
         ctx.device_type = device_type
         ctx.autocast = dict(
             device_type=device_type,
@@ -187,7 +191,10 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         state = tuple(inputs)
         for step in steps:
             if preserve_rng_state:
-                ctx.rng_states.append(_RngState(state[0]))
+                # Steps that draw no random numbers share one record: no long-lived small allocation per step
+                # in between the large temporaries (heap fragmentation inflates the resident set on CPU).
+                rng = _RngState(state[0])
+                ctx.rng_states.append(ctx.rng_states[-1] if ctx.rng_states and rng.same_as(ctx.rng_states[-1]) else rng)
             if not isinstance(step, AdditiveCoupling):
                 kept.extend(state)
                 kept_sizes.append(len(state))
@@ -212,14 +219,13 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         state = [t.detach().clone() for t in saved[:ctx.num_outputs]]
         kept = list(saved[ctx.num_outputs:])
         grads = [g.clone() for g in grad_outputs]
-        param_grads: List[Optional[torch.Tensor]] = [None] * ctx.num_params
+        # Parameter gradients are allocated up front rather than one per step between the large temporaries.
+        param_grads = [torch.zeros_like(p) for p in ctx.params]
 
-        def accumulate(step: Step, params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]]):
+        def accumulate(params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]]):
             for p, g in zip(params, step_grads):
-                if g is None:
-                    continue
-                i = ctx.param_index[id(p)]
-                param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
+                if g is not None:
+                    param_grads[ctx.param_index[id(p)]].add_(g)
 
         kept_sizes = list(ctx.kept_sizes)  # local copies: backward may run again with retain_graph=True
         rng_devices = ctx.rng_states[0].devices if ctx.rng_states else []
@@ -237,7 +243,7 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     step_inputs, kept = kept[len(kept) - size:], kept[:len(kept) - size]
                     grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
                     state = [t.detach().clone() for t in step_inputs]
-                accumulate(step, params, step_grads)
+                accumulate(params, step_grads)
         input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
         return (None, None, None, *input_grads, *param_grads)
 
