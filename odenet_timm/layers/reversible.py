@@ -259,16 +259,16 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params):
         with torch.enable_grad():
             fx = step.fn(x_source)
         found = torch.autograd.grad(
-            fx, [x_source, *params], grad_outputs=(grad_target * step.scale).to(fx.dtype), allow_unused=True)
+            fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True)
     step.uncombine(state[t], state[s], fx.detach())
-    # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t
+    # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t,  dθ = γ·J_θᵀ dy_t
     if found[0] is not None:
-        grads[s].add_(found[0])
+        grads[s].add_(found[0], alpha=step.scale)
     if step.source_scale:
         grads[s].add_(grad_target, alpha=step.source_scale)
     if step.negate_target:
         grad_target.neg_()
-    return found[1:]
+    return [None if g is None else g.mul_(step.scale) for g in found[1:]]
 
 
 def _recompute_backward(step: Step, step_inputs, grads, params):
