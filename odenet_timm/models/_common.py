@@ -248,7 +248,10 @@ class CifarStagedNet(nn.Module):
         self.check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x, flatten=True)
+            # checkpoint_seq(flatten=True) would iterate INTO any iterable stage (a ModuleList of units that
+            # only works as a whole); expand only the stages that are sequences of blocks.
+            blocks = [b for s in self.stages for b in (s if isinstance(s, nn.Sequential) else (s,))]
+            x = checkpoint_seq(blocks, x)
         else:
             x = self.stages(x)
         return self.norm(x)

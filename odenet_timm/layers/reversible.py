@@ -1,0 +1,329 @@
+"""Memory-efficient backpropagation through a sequence of reversible additive couplings.
+
+A *reversible sequence* maps a state tuple ``(x_0, …, x_{m-1})`` through a list of steps. A step is
+
+* an :class:`AdditiveCoupling`, which updates ONE entry from ANOTHER,
+
+      x_t ← ±x_t + β·x_s + γ·φ(x_s)        (s ≠ t; every other entry unchanged),
+
+  and is inverted exactly by ``x_t = ±(x_t' − β·x_s − γ·φ(x_s))`` because ``x_s`` is unchanged; or
+* any other callable ``state → state`` (pooling, padding, a change of width, …), which is not assumed to be
+  invertible; memory-efficient mode keeps its input.
+
+This covers the residual couplings of RevNets (Gomez et al., NeurIPS 2017) and the Hamiltonian, MidPoint
+and Leapfrog discretisations of Chang et al. (AAAI 2018, arXiv:1709.03698).
+
+:func:`reversible_sequence` runs the steps either with plain autograd (every intermediate activation kept
+for backward) or with :class:`ReversibleSequenceFunction`, which keeps only the final state and the inputs of
+the non-invertible steps. Its backward walks the steps in reverse; for a coupling it recomputes ``φ(x_s)``
+once under grad, which gives at the same time the reconstructed input ``x_t`` and, through one
+vector-Jacobian product, the gradients of ``x_s`` and of ``φ``'s parameters (Gomez et al., Algorithm 1).
+Activation memory is therefore that of one ``φ`` plus a few state-sized tensors, whatever the depth.
+
+The Function
+
+* takes every parameter of the steps that requires grad as an explicit input and returns its gradient, so
+  gradients reach parameters through the ordinary ``AccumulateGrad`` nodes: DDP's reducer hooks fire once
+  per parameter as with plain autograd, and ``torch.autograd.grad`` w.r.t. the input works;
+* restores every buffer of a step after recomputing it, so BatchNorm running statistics (and
+  ``num_batches_tracked``) are updated exactly once per forward, as in plain autograd;
+* records the RNG state before each step in forward and replays it when recomputing, so stochastic layers
+  (dropout) draw the same masks; the caller's RNG state is left untouched by backward;
+* re-enters the forward's autocast state in backward, so mixed precision recomputes with the same dtypes;
+* is used only when gradients are needed: under ``torch.no_grad()``, or when neither the state nor any
+  parameter requires grad, the steps simply run.
+
+Numerical note: reconstruction is exact in exact arithmetic; in floating point each step adds a rounding
+error, so reconstructed activations drift slowly with depth (tests measure it). Drift restarts from zero at
+every non-invertible step, whose input is stored.
+"""
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+__all__ = [
+    'AdditiveCoupling', 'ReversibleSequenceFunction', 'reversible_sequence', 'invert_sequence', 'flatten_steps',
+]
+
+State = Tuple[torch.Tensor, ...]
+Step = Callable[[State], State]
+
+
+class AdditiveCoupling(nn.Module):
+    """One reversible step on a state tuple: ``x_t ← ±x_t + β·x_s + γ·φ(x_s)``, all other entries unchanged.
+
+    Args:
+        fn: ``φ``, a module mapping ``x_s`` to a tensor of ``x_t``'s shape.
+        target: index ``t`` of the entry that is updated.
+        source: index ``s ≠ t`` of the entry ``φ`` reads.
+        scale: ``γ``.
+        source_scale: ``β`` (default 0).
+        negate_target: ``True`` for ``−x_t`` (a Leapfrog step), ``False`` for ``+x_t``.
+    """
+
+    def __init__(
+            self,
+            fn: nn.Module,
+            target: int,
+            source: int,
+            scale: float = 1.0,
+            source_scale: float = 0.0,
+            negate_target: bool = False,
+    ):
+        super().__init__()
+        if target == source or min(target, source) < 0:
+            raise ValueError(
+                f'an additive coupling updates one state entry from ANOTHER one (target != source, both >= 0); '
+                f'got target={target}, source={source}')
+        self.fn = fn
+        self.target = target
+        self.source = source
+        self.scale = float(scale)
+        self.source_scale = float(source_scale)
+        self.negate_target = bool(negate_target)
+
+    def extra_repr(self) -> str:
+        sign = '-' if self.negate_target else ''
+        beta = f' + {self.source_scale:g}·x{self.source}' if self.source_scale else ''
+        return f'x{self.target} ← {sign}x{self.target}{beta} + {self.scale:g}·fn(x{self.source})'
+
+    def combine(self, x_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """The step's new ``x_t = ±x_t + β·x_s + γ·fx`` given ``fx = φ(x_s)`` (one new tensor)."""
+        out = torch.add(x_target, fx, alpha=-self.scale if self.negate_target else self.scale)
+        if self.negate_target:
+            out.neg_()
+        return out.add_(x_source, alpha=self.source_scale) if self.source_scale else out
+
+    def uncombine(self, y_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``y_target``.
+        """
+        y_target.sub_(fx, alpha=self.scale)
+        if self.source_scale:
+            y_target.sub_(x_source, alpha=self.source_scale)
+        return y_target.neg_() if self.negate_target else y_target
+
+    def forward(self, state: State) -> State:
+        x_source = state[self.source]
+        out = list(state)
+        out[self.target] = self.combine(state[self.target], x_source, self.fn(x_source))
+        return tuple(out)
+
+    def inverse(self, state: State) -> State:
+        x_source = state[self.source]
+        out = list(state)
+        out[self.target] = self.uncombine(state[self.target].clone(), x_source, self.fn(x_source))
+        return tuple(out)
+
+
+def flatten_steps(steps: Sequence[Step]) -> List[Step]:
+    """Expand ``nn.Sequential`` containers (e.g. a unit made of two couplings) into their steps."""
+    flat = []
+    for step in steps:
+        if isinstance(step, nn.Sequential):
+            flat.extend(flatten_steps(list(step)))
+        else:
+            flat.append(step)
+    return flat
+
+
+def _step_parameters(step: Step) -> List[nn.Parameter]:
+    return [p for p in step.parameters() if p.requires_grad] if isinstance(step, nn.Module) else []
+
+
+@contextmanager
+def _buffers_restored(step: Step) -> Iterator[None]:
+    """Undo whatever a recomputation does to the step's buffers (BatchNorm running statistics)."""
+    buffers = [b for b in step.buffers() if b is not None] if isinstance(step, nn.Module) else []
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+class _RngState:
+    """The CPU RNG state and that of the accelerator holding ``like``, as ``torch.utils.checkpoint`` keeps."""
+
+    def __init__(self, like: torch.Tensor):
+        self.cpu = torch.get_rng_state()
+        self.device_type = like.device.type
+        self.devices, self.device_states = get_device_states(like)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        set_device_states(self.devices, self.device_states, device_type=self.device_type)
+
+    def same_as(self, other: '_RngState') -> bool:
+        return torch.equal(self.cpu, other.cpu) and all(
+            torch.equal(a, b) for a, b in zip(self.device_states, other.device_states))
+
+
+class ReversibleSequenceFunction(torch.autograd.Function):
+    """``(state…, params…) → final state`` through ``steps``, keeping only the final state and the inputs of
+    the non-invertible steps for backward (see the module docstring).
+
+    Call as ``ReversibleSequenceFunction.apply(steps, preserve_rng_state, len(state), *state, *params)``
+    with ``steps`` already flattened and ``params`` every parameter of the steps that requires grad.
+    """
+
+    @staticmethod
+    def forward(ctx, steps: List[Step], preserve_rng_state: bool, num_state: int, *tensors: torch.Tensor):
+        inputs, params = tensors[:num_state], tensors[num_state:]
+        device_type = inputs[0].device.type
+        ctx.steps = steps
+        ctx.param_index = {id(p): i for i, p in enumerate(params)}
+        ctx.params = params
+        ctx.device_type = device_type
+        ctx.autocast = dict(
+            device_type=device_type,
+            enabled=torch.is_autocast_enabled(device_type),
+            dtype=torch.get_autocast_dtype(device_type),
+            cache_enabled=torch.is_autocast_cache_enabled(),
+        )
+        ctx.rng_states = [] if preserve_rng_state else None
+        kept, kept_sizes = [], []
+        state = tuple(inputs)
+        for step in steps:
+            if preserve_rng_state:
+                # Steps that draw no random numbers share one record: no long-lived small allocation per step
+                # in between the large temporaries (heap fragmentation inflates the resident set on CPU).
+                rng = _RngState(state[0])
+                ctx.rng_states.append(ctx.rng_states[-1] if ctx.rng_states and rng.same_as(ctx.rng_states[-1]) else rng)
+            if not isinstance(step, AdditiveCoupling):
+                kept.extend(state)
+                kept_sizes.append(len(state))
+            state = step(state)
+        # An entry no step touched is still an input tensor; a Function must return new tensors.
+        seen = {id(t) for t in inputs}
+        outputs = []
+        for t in state:
+            outputs.append(t.clone() if id(t) in seen else t)
+            seen.add(id(outputs[-1]))
+        ctx.num_outputs = len(outputs)
+        ctx.kept_sizes = kept_sizes
+        ctx.save_for_backward(*outputs, *kept)
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        saved = ctx.saved_tensors
+        # Backward owns copies of the state and of the incoming gradients and updates them in place, step by
+        # step: a fixed set of state-sized buffers instead of fresh ones per step (less allocator churn).
+        state = [t.detach().clone() for t in saved[:ctx.num_outputs]]
+        kept = list(saved[ctx.num_outputs:])
+        grads = [g.clone() for g in grad_outputs]
+        # Parameter gradients are allocated up front rather than one per step between the large temporaries.
+        param_grads = [torch.zeros_like(p) for p in ctx.params]
+
+        def accumulate(params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]]):
+            for p, g in zip(params, step_grads):
+                if g is not None:
+                    param_grads[ctx.param_index[id(p)]].add_(g)
+
+        kept_sizes = list(ctx.kept_sizes)  # local copies: backward may run again with retain_graph=True
+        rng_devices = ctx.rng_states[0].devices if ctx.rng_states else []
+        with torch.random.fork_rng(devices=rng_devices, enabled=ctx.rng_states is not None,
+                                   device_type=ctx.device_type), torch.autocast(**ctx.autocast):
+            for index in reversed(range(len(ctx.steps))):
+                step = ctx.steps[index]
+                if ctx.rng_states is not None:
+                    ctx.rng_states[index].restore()
+                params = _step_parameters(step)
+                if isinstance(step, AdditiveCoupling):
+                    step_grads = _coupling_backward(step, state, grads, params)
+                else:
+                    size = kept_sizes.pop()
+                    step_inputs, kept = kept[len(kept) - size:], kept[:len(kept) - size]
+                    grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
+                    state = [t.detach().clone() for t in step_inputs]
+                accumulate(params, step_grads)
+        input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
+        return (None, None, None, *input_grads, *param_grads)
+
+
+def _coupling_backward(step: AdditiveCoupling, state, grads, params):
+    """Reconstruct the coupling's input from its output and push the gradients through it, updating the
+    (backward-owned) ``state`` and ``grads`` lists in place."""
+    t, s = step.target, step.source
+    x_source = state[s].detach().requires_grad_()
+    grad_target = grads[t]
+    # Buffers are restored only after autograd.grad: BatchNorm saves its running statistics for backward.
+    with _buffers_restored(step):
+        with torch.enable_grad():
+            fx = step.fn(x_source)
+        found = torch.autograd.grad(
+            fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True)
+    step.uncombine(state[t], state[s], fx.detach())
+    # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t,  dθ = γ·J_θᵀ dy_t
+    if found[0] is not None:
+        grads[s].add_(found[0], alpha=step.scale)
+    if step.source_scale:
+        grads[s].add_(grad_target, alpha=step.source_scale)
+    if step.negate_target:
+        grad_target.neg_()
+    return [None if g is None else g.mul_(step.scale) for g in found[1:]]
+
+
+def _recompute_backward(step: Step, step_inputs, grads, params):
+    """Recompute a non-invertible step from its kept input and push the gradients through it."""
+    inputs = [t.detach().requires_grad_(t.is_floating_point()) for t in step_inputs]
+    wrt = [x for x in inputs if x.requires_grad]
+    with _buffers_restored(step):
+        with torch.enable_grad():
+            outputs = step(tuple(inputs))
+        pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], [*wrt, *params], grad_outputs=[g.to(o.dtype) for o, g in pairs],
+            allow_unused=True) if pairs else [None] * (len(wrt) + len(params))
+    by_input = dict(zip(map(id, wrt), found))
+    input_grads, seen = [], {id(g) for g in grads}
+    for x in inputs:
+        g = by_input.get(id(x))
+        g = torch.zeros_like(x) if g is None else g.clone() if id(g) in seen else g  # backward updates them in place
+        seen.add(id(g))
+        input_grads.append(g)
+    return input_grads, found[len(wrt):]
+
+
+def reversible_sequence(
+        steps: Sequence[Step],
+        state: Sequence[torch.Tensor],
+        memory_efficient: bool = True,
+        preserve_rng_state: bool = True,
+) -> State:
+    """Run ``state`` through ``steps`` (``nn.Sequential`` containers expanded).
+
+    With ``memory_efficient=True`` and gradients needed, backward reconstructs the activations of the
+    :class:`AdditiveCoupling` steps instead of keeping them (see the module docstring); otherwise the steps
+    run under plain autograd. ``preserve_rng_state=False`` skips recording the RNG state per step (only
+    safe when no step draws random numbers in training).
+    """
+    state = tuple(state)
+    if not state or not all(isinstance(t, torch.Tensor) for t in state):
+        raise ValueError(f'state must be a non-empty sequence of tensors, got {state!r}')
+    steps = flatten_steps(steps)
+    if memory_efficient and torch.is_grad_enabled():
+        params = list({id(p): p for step in steps for p in _step_parameters(step)}.values())
+        if params or any(t.requires_grad for t in state):
+            return ReversibleSequenceFunction.apply(steps, preserve_rng_state, len(state), *state, *params)
+    for step in steps:
+        state = step(state)
+    return state
+
+
+def invert_sequence(steps: Sequence[Step], state: Sequence[torch.Tensor]) -> State:
+    """The input of a sequence of couplings reconstructed from its output (the inverse map; what backward
+    does in memory-efficient mode, without the gradients). Raises ``ValueError`` on a non-invertible step."""
+    state = tuple(state)
+    for step in reversed(flatten_steps(steps)):
+        if not isinstance(step, AdditiveCoupling):
+            raise ValueError(f'{step!r} is not an AdditiveCoupling and cannot be inverted')
+        state = step.inverse(state)
+    return state

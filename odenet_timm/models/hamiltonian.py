@@ -1,0 +1,329 @@
+"""Reversible Hamiltonian, MidPoint and Leapfrog networks.
+
+Chang, Meng, Haber, Ruthotto, Begert, Holtham, "Reversible Architectures for Arbitrarily Deep Residual
+Neural Networks", AAAI 2018 (arXiv:1709.03698). Each is a stable, reversible discretisation of an ODE, so
+a stage's activations can be reconstructed from its output instead of being stored:
+
+* Hamiltonian (two-layer, Verlet), on the channel halves ``(Y, Z)`` of the features::
+
+      Y_{j+1} = Y_j     + h · K_{j,1}ᵀ σ(K_{j,1} Z_j     + b_{j,1})
+      Z_{j+1} = Z_j     − h · K_{j,2}ᵀ σ(K_{j,2} Y_{j+1} + b_{j,2})      (the NEW Y)
+
+* MidPoint:  ``Y_{j+1} = Y_{j−1} + 2h · F_j(Y_j)``
+* Leapfrog:  ``Y_{j+1} = 2 Y_j − Y_{j−1} − h² · F_j(Y_j)``
+
+with ``F(Y) = Kᵀ σ(K Y + b)`` over the full width, σ = ReLU, K a 3×3 convolution (no conv bias) and Kᵀ its
+TRUE adjoint sharing K's weight (``conv_transpose2d``). MidPoint and Leapfrog start every stage from
+``Y_{−1} = Y_0`` (DESIGN.md §3.2, the authors' code).
+
+Normalisation inside a layer (``block_norm``): ``'bias'`` ``Kᵀσ(K(x + b₁) + b₂)``; ``'bn'``
+``Kᵀσ(BN₂(K·BN₁(x)))`` (no ReLU after BN₁). The network's very first unit drops b₁ / BN₁ in f (the stem
+ends in BN-ReLU); MidPoint and Leapfrog layers have no b₁ / BN₁.
+
+Layout (DESIGN.md §3.2, checked against the authors' code; it reproduces the paper's parameter counts):
+stem conv3x3 3→32 (no bias) + BN + ReLU; three stages of units at widths e.g. 32-64-128, where the FIRST
+unit of stages 2 and 3 runs at the old width and resolution, after which each state entry (the halves Y, Z;
+for MidPoint / Leapfrog the pair Y_{j−1}, Y_j) is 2×2 average-pooled and zero-padded symmetrically in
+channels to the new width; head BN-ReLU-GAP-Linear. Depth: 4·units + 2 (Hamiltonian), 2·units + 2
+(MidPoint / Leapfrog). A MidPoint / Leapfrog stage outputs its newest Y; the next stage restarts from it.
+
+MidPoint / Leapfrog parameter counts: this full-width layout gives 1,801,738 parameters for the 10-10-10
+networks (the paper reports 1.78M, +1.2%) and 535,258 for the 4-4-4 networks (paper 0.50M, +7%); the
+paper does not say where its smaller count comes from, so we keep the natural layout.
+
+Memory-efficient training (``memory_efficient=True``, the default): each stage runs through
+:func:`odenet_timm.layers.reversible.reversible_sequence`, which keeps only the stage's final state and the
+input of its transition and reconstructs every unit's input in backward. ``smoothness_loss()`` gives the
+weight smoothness decay ``Σ ½‖K_{j+1} − K_j‖²`` between consecutive units of a stage.
+"""
+import math
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from odenet_timm.layers.reversible import AdditiveCoupling, reversible_sequence
+from ._common import CifarStagedNet, ConvStem, cifar_cfg, init_weights_cifar_
+
+__all__ = ['HamiltonianNet', 'SymmetricLayer', 'HamiltonianUnit', 'MidPointUnit', 'LeapfrogUnit']
+
+
+# -- the layer F(x) = Kᵀσ(N₂(K·N₁(x))) -------------------------------------------------------------------------
+class ChannelBias(nn.Module):
+    """``x + b`` with one learnable bias per channel, starting at zero."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.view(1, -1, 1, 1)
+
+
+_NORMS = {'bias': ChannelBias, 'bn': nn.BatchNorm2d}
+
+
+class SymmetricLayer(nn.Module):
+    """``F(x) = Kᵀ σ(N₂(K · N₁(x)))`` (Chang et al. 2018, eq. 5): K a 3×3 convolution ``c → c`` without bias,
+    Kᵀ its adjoint with the SAME weight (``conv_transpose2d``, so ``⟨Kx, y⟩ = ⟨x, Kᵀy⟩``), σ = ReLU.
+
+    ``norm='bias'``: ``N₁(x) = x + b₁``, ``N₂(u) = u + b₂``; ``norm='bn'``: ``N₁ = BN₁``, ``N₂ = BN₂``.
+    ``pre_norm=False`` drops N₁. K starts N(0, sqrt(2 / (9·c))), like the CIFAR ResNet convolutions.
+    """
+
+    def __init__(self, channels: int, norm: str = 'bias', pre_norm: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (9 * channels)))
+        self.norm1 = _NORMS[norm](channels) if pre_norm else nn.Identity()
+        self.norm2 = _NORMS[norm](channels)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """``K x``."""
+        return F.conv2d(x, self.weight, padding=1)
+
+    def conv_transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """``Kᵀ u``."""
+        return F.conv_transpose2d(u, self.weight, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_transpose(F.relu(self.norm2(self.conv(self.norm1(x))), inplace=True))
+
+
+# -- units: reversible steps on the state tuple ------------------------------------------------------------------
+class HamiltonianUnit(nn.Sequential):
+    """One two-layer Hamiltonian unit on the state ``(Y, Z)`` (Chang et al. 2018, eq. 7), Verlet order::
+
+        f:  Y ← Y + h · K₁ᵀ σ(N(K₁ Z))
+        g:  Z ← Z − h · K₂ᵀ σ(N(K₂ Y))     (with the Y just updated)
+
+    ``channels`` is the width of one half. ``first=True`` (the network's first unit) drops f's pre-norm.
+    """
+
+    def __init__(self, channels: int, h: float, norm: str = 'bias', first: bool = False):
+        super().__init__(OrderedDict(
+            f=AdditiveCoupling(SymmetricLayer(channels, norm, pre_norm=not first), target=0, source=1, scale=h),
+            g=AdditiveCoupling(SymmetricLayer(channels, norm), target=1, source=0, scale=-h),
+        ))
+
+
+class MidPointUnit(AdditiveCoupling):
+    """One MidPoint step ``Y_{j+1} = Y_{j−1} + 2h · Kᵀσ(N(K Y_j))`` (Chang et al. 2018, eq. 9) on the pair
+    state. The pair is not swapped: step ``j`` overwrites entry ``parity = j mod 2`` (holding ``Y_{j−1}``)
+    from entry ``1 − parity`` (holding ``Y_j``)."""
+
+    def __init__(self, channels: int, h: float, norm: str = 'bias', parity: int = 0):
+        super().__init__(
+            SymmetricLayer(channels, norm, pre_norm=False), target=parity, source=1 - parity, scale=2 * h)
+
+
+class LeapfrogUnit(AdditiveCoupling):
+    """One Leapfrog step ``Y_{j+1} = 2 Y_j − Y_{j−1} − h² · Kᵀσ(N(K Y_j))`` (Chang et al. 2018, eq. 10) on
+    the pair state, laid out as :class:`MidPointUnit`."""
+
+    def __init__(self, channels: int, h: float, norm: str = 'bias', parity: int = 0):
+        super().__init__(
+            SymmetricLayer(channels, norm, pre_norm=False), target=parity, source=1 - parity,
+            scale=-h * h, source_scale=2.0, negate_target=True)
+
+
+_UNITS = {'hamiltonian': HamiltonianUnit, 'midpoint': MidPointUnit, 'leapfrog': LeapfrogUnit}
+
+
+class ReversibleStage(nn.ModuleList):
+    """``units[0]`` at the input width and resolution, then (``pad`` given) every state entry 2×2
+    average-pooled and zero-padded with ``pad`` channels on each side, then ``units[1:]``.
+
+    ``split='halves'``: the state is the two channel halves of the input and the output their
+    concatenation (Hamiltonian). ``split='pair'``: the state starts as ``(x, x)`` (``Y_{−1} = Y_0``) and the
+    output is the entry the last unit wrote (MidPoint / Leapfrog).
+    """
+
+    def __init__(
+            self,
+            units: Sequence[nn.Module],
+            split: str,
+            pad: Optional[int] = None,
+            memory_efficient: bool = True,
+    ):
+        super().__init__(units)
+        self.split = split
+        self.pad = pad
+        self.memory_efficient = memory_efficient
+
+    def transition(self, state: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+        """Not invertible: memory-efficient mode keeps its input."""
+        return tuple(F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, self.pad, self.pad)) for x in state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = x.chunk(2, dim=1) if self.split == 'halves' else (x, x)
+        units = list(self)
+        steps = units if self.pad is None else [units[0], self.transition, *units[1:]]
+        state = reversible_sequence(steps, state, memory_efficient=self.memory_efficient)
+        return torch.cat(state, dim=1) if self.split == 'halves' else state[self[-1].target]
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+class HamiltonianNet(CifarStagedNet):
+    """Reversible Hamiltonian / MidPoint / Leapfrog network (Chang et al., AAAI 2018) on the CIFAR skeleton.
+
+    Args:
+        layers: units per stage (18-18-18 for Hamiltonian-218, 10-10-10 for MidPoint / Leapfrog-62).
+        widths: stage widths; the stem outputs ``widths[0]`` channels.
+        block: ``'hamiltonian'``, ``'midpoint'`` or ``'leapfrog'``.
+        h: step size of the discretisation.
+        block_norm: ``'bias'`` or ``'bn'`` (normalisation inside every layer, see the module docstring).
+        memory_efficient: reconstruct activations in backward instead of storing them.
+    """
+
+    def __init__(
+            self,
+            layers: Tuple[int, ...] = (18, 18, 18),
+            widths: Tuple[int, ...] = (32, 64, 128),
+            block: str = 'hamiltonian',
+            h: float = 0.1,
+            block_norm: str = 'bias',
+            memory_efficient: bool = True,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+    ):
+        if block not in _UNITS:
+            raise ValueError(f'block must be one of {sorted(_UNITS)}, got {block!r}')
+        if block_norm not in _NORMS:
+            raise ValueError(f'block_norm must be one of {sorted(_NORMS)}, got {block_norm!r}')
+        h = float(h)
+        if not (math.isfinite(h) and h > 0):
+            raise ValueError(f'the step size h must be a positive number, got {h}')
+        layers, widths = tuple(int(n) for n in layers), tuple(int(w) for w in widths)
+        if not layers or len(layers) != len(widths) or min(layers) < 1:
+            raise ValueError(f'layers and widths need one entry per stage and >= 1 unit each; got {layers}, {widths}')
+        halves = block == 'hamiltonian'
+        granularity = 4 if halves else 2  # symmetric padding of each state entry (of a half, for Hamiltonian)
+        if halves and any(w % 2 for w in widths):
+            raise ValueError(f'Hamiltonian units split the channels in halves: widths must be even, got {widths}')
+        for old, new in zip(widths[:-1], widths[1:]):
+            if new < old or (new - old) % granularity:
+                raise ValueError(
+                    f'stage widths must not decrease and grow by a multiple of {granularity} (symmetric zero-padding '
+                    f'of each {"half" if halves else "state entry"}); got {widths}')
+        unit_cls = _UNITS[block]
+
+        stages = []
+        in_width = widths[0]
+        for stage_idx, (depth, width) in enumerate(zip(layers, widths)):
+            units = []
+            for unit_idx in range(depth):
+                unit_width = in_width if unit_idx == 0 else width
+                if halves:
+                    first = stage_idx == 0 and unit_idx == 0
+                    units.append(unit_cls(unit_width // 2, h, block_norm, first=first))
+                else:
+                    units.append(unit_cls(unit_width, h, block_norm, parity=unit_idx % 2))
+            pad = None if stage_idx == 0 else (width - in_width) // granularity
+            stages.append(ReversibleStage(
+                units, split='halves' if halves else 'pair', pad=pad, memory_efficient=memory_efficient))
+            in_width = width
+
+        super().__init__(
+            stem=ConvStem(in_chans, widths[0], norm=True),
+            stages=stages,
+            stem_channels=widths[0],
+            stage_channels=widths,
+            stage_reductions=tuple(2 ** i for i in range(len(widths))),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+        )
+        self.block = block
+        self.h = h
+        self.block_norm = block_norm
+        self.memory_efficient = memory_efficient
+        init_weights_cifar_(self)
+
+    def smoothness_loss(self) -> torch.Tensor:
+        """Weight smoothness decay ``Σ ½‖K_{j+1} − K_j‖²`` over consecutive units of each stage (the
+        old-width first unit of a downsampling stage has no same-shape neighbour and is left out)."""
+        terms: List[torch.Tensor] = []
+        for stage in self.stages:
+            units = list(stage)[0 if stage.pad is None else 1:]
+            for prev, nxt in zip(units[:-1], units[1:]):
+                for k_prev, k_next in zip(_kernels(prev), _kernels(nxt)):
+                    terms.append(0.5 * (k_next - k_prev).square().sum())
+        return torch.stack(terms).sum() if terms else self.stem.conv.weight.new_zeros(())
+
+
+def _kernels(unit: nn.Module) -> List[torch.Tensor]:
+    return [m.weight for m in unit.modules() if isinstance(m, SymmetricLayer)]
+
+
+def _create_hamiltonian(variant: str, pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    return build_model_with_cfg(
+        HamiltonianNet, variant, pretrained,
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+_PAPER = 'arXiv:1709.03698'
+
+default_cfgs = generate_default_cfgs({
+    name: cifar_cfg(_PAPER) for name in (
+        'hamiltonian_74', 'hamiltonian_218', 'hamiltonian_1202',
+        'midpoint_26', 'midpoint_62', 'leapfrog_26', 'leapfrog_62',
+    )
+})
+
+
+@register_model
+def hamiltonian_74(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Hamiltonian-74: 6-6-6 units, widths 32-64-112, 'bias' layers, 429,690 parameters."""
+    kwargs = dict(dict(layers=(6, 6, 6), widths=(32, 64, 112), block='hamiltonian', block_norm='bias'), **kwargs)
+    return _create_hamiltonian('hamiltonian_74', pretrained, **kwargs)
+
+
+@register_model
+def hamiltonian_218(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Hamiltonian-218: 18-18-18 units, widths 32-64-128, 'bias' layers, 1,683,034 parameters."""
+    kwargs = dict(dict(layers=(18, 18, 18), widths=(32, 64, 128), block='hamiltonian', block_norm='bias'), **kwargs)
+    return _create_hamiltonian('hamiltonian_218', pretrained, **kwargs)
+
+
+@register_model
+def hamiltonian_1202(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Hamiltonian-1202: 100-100-100 units, widths 32-64-128, 'bn' layers, 9,699,338 parameters."""
+    kwargs = dict(dict(layers=(100, 100, 100), widths=(32, 64, 128), block='hamiltonian', block_norm='bn'), **kwargs)
+    return _create_hamiltonian('hamiltonian_1202', pretrained, **kwargs)
+
+
+@register_model
+def midpoint_26(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """MidPoint-26: 4-4-4 units, widths 32-64-112, ``Y_{j+1} = Y_{j−1} + 2h F(Y_j)``."""
+    kwargs = dict(dict(layers=(4, 4, 4), widths=(32, 64, 112), block='midpoint'), **kwargs)
+    return _create_hamiltonian('midpoint_26', pretrained, **kwargs)
+
+
+@register_model
+def midpoint_62(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """MidPoint-62: 10-10-10 units, widths 32-64-128, ``Y_{j+1} = Y_{j−1} + 2h F(Y_j)``."""
+    kwargs = dict(dict(layers=(10, 10, 10), widths=(32, 64, 128), block='midpoint'), **kwargs)
+    return _create_hamiltonian('midpoint_62', pretrained, **kwargs)
+
+
+@register_model
+def leapfrog_26(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Leapfrog-26: 4-4-4 units, widths 32-64-112, ``Y_{j+1} = 2Y_j − Y_{j−1} − h² F(Y_j)``."""
+    kwargs = dict(dict(layers=(4, 4, 4), widths=(32, 64, 112), block='leapfrog'), **kwargs)
+    return _create_hamiltonian('leapfrog_26', pretrained, **kwargs)
+
+
+@register_model
+def leapfrog_62(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Leapfrog-62: 10-10-10 units, widths 32-64-128, ``Y_{j+1} = 2Y_j − Y_{j−1} − h² F(Y_j)``."""
+    kwargs = dict(dict(layers=(10, 10, 10), widths=(32, 64, 128), block='leapfrog'), **kwargs)
+    return _create_hamiltonian('leapfrog_62', pretrained, **kwargs)

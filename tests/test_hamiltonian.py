@@ -1,0 +1,364 @@
+"""Hamiltonian / MidPoint / Leapfrog networks: parameter counts against the paper, the adjoint, the update
+formulas, exact inversion, memory-efficient gradients equal to plain autograd, BatchNorm statistics, input
+gradients, autocast, DDP, grad checkpointing and the weight smoothness decay."""
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from odenet_timm.layers.reversible import ReversibleSequenceFunction, invert_sequence
+from odenet_timm.models.hamiltonian import HamiltonianUnit, LeapfrogUnit, MidPointUnit, SymmetricLayer
+
+
+def _num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _expected_params(layers, widths, block='hamiltonian', norm='bias', num_classes=10):
+    """DESIGN.md §3.2 arithmetic: a layer is K (9·c²) + b₁, b₂ (c each; 2c each for 'bn': BN affine); the
+    network's first unit drops f's b₁ / BN₁; the first unit of stages 2, 3 runs at the old width; stem
+    3·w₀·9 + BN(w₀); head BN(C) + Linear(C → classes). Hamiltonian layers act on half the width."""
+    per_norm = 2 if norm == 'bn' else 1
+
+    def unit(width, first=False):
+        if block == 'hamiltonian':
+            c = width // 2
+            return 2 * (9 * c * c + 2 * per_norm * c) - (per_norm * c if first else 0)
+        return 9 * width * width + per_norm * width  # F(Y) = Kᵀσ(N(KY)), no pre-norm
+
+    total = 3 * widths[0] * 9 + 2 * widths[0]
+    in_width = widths[0]
+    for stage_idx, (depth, width) in enumerate(zip(layers, widths)):
+        total += unit(in_width, first=stage_idx == 0) + (depth - 1) * unit(width)
+        in_width = width
+    return total + 2 * widths[-1] + widths[-1] * num_classes + num_classes
+
+
+def _pair(model_name, **kwargs):
+    """The same network in memory-efficient and plain mode, float64, identical weights."""
+    rev = timm.create_model(model_name, memory_efficient=True, **kwargs).double()
+    plain = timm.create_model(model_name, memory_efficient=False, **kwargs).double()
+    plain.load_state_dict(rev.state_dict())
+    return rev, plain
+
+
+# A small instance of every variant: 2-3-2 units, widths 8-16-24 (transitions pad each half / entry).
+SMALL = dict(layers=(2, 3, 2), widths=(8, 16, 24))
+VARIANTS = [
+    ('hamiltonian_218', dict(block_norm='bias')),
+    ('hamiltonian_1202', dict(block_norm='bn')),
+    ('midpoint_62', {}),
+    ('leapfrog_62', {}),
+]
+
+
+# -- parameter counts ------------------------------------------------------------------------------------------
+def test_parameter_counts_match_the_paper():
+    assert _num_params(timm.create_model('hamiltonian_74')) == 429_690
+    assert _num_params(timm.create_model('hamiltonian_218')) == 1_683_034
+    assert _num_params(timm.create_model('hamiltonian_1202')) == 9_699_338
+    for name in ('midpoint_62', 'leapfrog_62'):  # paper 1.78M; full-width layout (module docstring)
+        count = _num_params(timm.create_model(name))
+        assert count == 1_801_738 and abs(count - 1.78e6) / 1.78e6 < 0.02
+    for name in ('midpoint_26', 'leapfrog_26'):
+        assert _num_params(timm.create_model(name)) == 535_258
+
+
+@pytest.mark.parametrize('model_name, kwargs', [
+    ('hamiltonian_218', dict(layers=(18, 18, 18), widths=(32, 64, 128))),
+    ('hamiltonian_74', dict(layers=(6, 6, 6), widths=(32, 64, 112))),
+    ('hamiltonian_218', dict(layers=(3, 1, 4), widths=(8, 16, 40), block_norm='bn', num_classes=7)),
+    ('midpoint_62', dict(layers=(10, 10, 10), widths=(32, 64, 128))),
+    ('leapfrog_26', dict(layers=(2, 5, 1), widths=(6, 10, 10), block_norm='bn', num_classes=3)),
+])
+def test_parameter_count_arithmetic(model_name, kwargs):
+    model = timm.create_model(model_name, **kwargs)
+    block = model.block
+    expected = _expected_params(kwargs['layers'], kwargs['widths'], block, model.block_norm,
+                                kwargs.get('num_classes', 10))
+    assert _num_params(model) == expected
+
+
+def test_defaults_and_bad_arguments():
+    assert timm.create_model('hamiltonian_218').block_norm == 'bias'
+    assert timm.create_model('hamiltonian_1202', layers=(1, 1, 1)).block_norm == 'bn'
+    model = timm.create_model('hamiltonian_74', h=0.25, **SMALL)
+    assert model.h == 0.25 and model.stages[0][0].f.scale == 0.25 and model.stages[0][0].g.scale == -0.25
+    assert timm.create_model('leapfrog_26', h=0.5).stages[1][2].scale == -0.25
+    assert timm.create_model('midpoint_26', h=0.5).stages[1][2].scale == 1.0
+    with pytest.raises(ValueError, match='block_norm must be one of'):
+        timm.create_model('hamiltonian_74', block_norm='ln')
+    with pytest.raises(ValueError, match='step size h'):
+        timm.create_model('hamiltonian_74', h=0)
+    with pytest.raises(ValueError, match='block must be one of'):
+        timm.create_model('hamiltonian_74', block='euler')
+    with pytest.raises(ValueError, match='multiple of 4'):
+        timm.create_model('hamiltonian_74', widths=(32, 64, 110))
+    with pytest.raises(ValueError, match='one entry per stage'):
+        timm.create_model('midpoint_26', layers=(2, 2))
+
+
+# -- the layer, the units and their inverses -----------------------------------------------------------------
+def test_transposed_convolution_is_the_true_adjoint():
+    layer = SymmetricLayer(5).double()
+    x = torch.randn(2, 5, 7, 9, dtype=torch.float64)
+    y = torch.randn(2, 5, 7, 9, dtype=torch.float64)
+    lhs = (layer.conv(x) * y).sum()
+    torch.testing.assert_close((x * layer.conv_transpose(y)).sum(), lhs, rtol=1e-12, atol=0)
+    # the common port error (swapping the channels without flipping the kernel) is not the adjoint
+    wrong = F.conv2d(y, layer.weight.transpose(0, 1), padding=1)
+    assert abs((x * wrong).sum() - lhs) > 1e-3 * abs(lhs)
+
+
+def test_layer_and_unit_formulas():
+    torch.manual_seed(1)
+    c, h = 3, 0.3
+    x, y, z = (torch.randn(2, c, 6, 6, dtype=torch.float64) for _ in range(3))
+    layer = SymmetricLayer(c, 'bias').double()
+    with torch.no_grad():
+        layer.norm1.bias.normal_()
+        layer.norm2.bias.normal_()
+    K, b1, b2 = layer.weight, layer.norm1.bias.view(1, -1, 1, 1), layer.norm2.bias.view(1, -1, 1, 1)
+    expected = F.conv_transpose2d(F.relu(F.conv2d(x + b1, K, padding=1) + b2), K, padding=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+    unit = HamiltonianUnit(c, h).double()
+    with torch.no_grad():
+        new_y = y + h * unit.f.fn(z)
+        new_z = z - h * unit.g.fn(new_y)  # Verlet: the NEW Y
+        out = unit((y, z))
+    torch.testing.assert_close(out[0], new_y, rtol=0, atol=1e-14)
+    torch.testing.assert_close(out[1], new_z, rtol=0, atol=1e-14)
+    assert isinstance(HamiltonianUnit(c, h, first=True).f.fn.norm1, torch.nn.Identity)
+
+    with torch.no_grad():
+        midpoint = MidPointUnit(c, h, parity=1).double()  # (Y_j, Y_{j-1}) → (Y_j, Y_{j+1})
+        out = midpoint((x, y))
+        torch.testing.assert_close(out[1], y + 2 * h * midpoint.fn(x), rtol=0, atol=1e-14)
+        assert out[0] is x
+        leapfrog = LeapfrogUnit(c, h, parity=0).double()
+        torch.testing.assert_close(leapfrog((x, y))[0], 2 * y - x - h * h * leapfrog.fn(y), rtol=0, atol=1e-14)
+        # a stage starts from Y_{-1} = Y_0: the first Leapfrog step is Y_0 − h² F(Y_0)
+        torch.testing.assert_close(leapfrog((x, x))[0], x - h * h * leapfrog.fn(x), rtol=0, atol=1e-14)
+
+
+def test_transition_pools_and_pads_each_entry_symmetrically():
+    stage = timm.create_model('hamiltonian_74', **SMALL).stages[1]  # halves 4 → 8 channels
+    assert stage[0].f.fn.weight.shape[0] == 4 and stage[1].f.fn.weight.shape[0] == 8  # old-width first unit
+    y = torch.arange(4 * 4 * 4, dtype=torch.float32).view(1, 4, 4, 4)
+    out = stage.transition((y, -y))
+    assert [o.shape for o in out] == [(1, 8, 2, 2)] * 2
+    torch.testing.assert_close(out[0][:, 2:6], F.avg_pool2d(y, 2))
+    torch.testing.assert_close(out[1][:, 2:6], -F.avg_pool2d(y, 2))
+    assert not out[0][:, :2].any() and not out[0][:, 6:].any()
+    pair_stage = timm.create_model('leapfrog_26', **SMALL).stages[2]  # full width 16 → 24
+    assert pair_stage.transition((torch.ones(1, 16, 4, 4),))[0][0, :, 0, 0].tolist() == [0] * 4 + [1] * 16 + [0] * 4
+
+
+@pytest.mark.parametrize('make_unit', [
+    lambda: HamiltonianUnit(4, 0.7, 'bias'),
+    lambda: HamiltonianUnit(4, 0.7, 'bn'),
+    lambda: MidPointUnit(4, 0.7, parity=1),
+    lambda: LeapfrogUnit(4, 0.7, 'bn', parity=0),
+])
+def test_each_unit_inverts_in_float64(make_unit):
+    unit = make_unit().double().train()  # BN in training mode normalises with the batch statistics
+    state = tuple(torch.randn(3, 4, 8, 8, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        out = unit(state)
+        back = invert_sequence([unit], out)
+    assert max((a - b).abs().max().item() for a, b in zip(back, state)) < 1e-10
+    assert max((a - b).abs().max().item() for a, b in zip(out, state)) > 1e-2
+
+
+def _stage_reconstruction_error(model, dtype, batch=2):
+    """Relative error of the input of the model's first stage reconstructed from its output."""
+    model = model.to(dtype).eval()
+    stage = model.stages[0]
+    x = model.stem(torch.randn(batch, 3, 32, 32, dtype=dtype))
+    state = x.chunk(2, dim=1)
+    with torch.no_grad():
+        out = state
+        for unit in stage:
+            out = unit(out)
+        back = invert_sequence(list(stage), out)
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(back, state))
+
+
+def test_reconstruction_drift_across_a_full_stage_of_hamiltonian_218():
+    model = timm.create_model('hamiltonian_218')
+    assert _stage_reconstruction_error(model, torch.float64) < 1e-12
+    assert _stage_reconstruction_error(model, torch.float32) < 1e-5  # 18 units, 36 couplings
+
+
+# -- memory-efficient mode against plain autograd ----------------------------------------------------------
+@pytest.mark.parametrize('model_name, kwargs', VARIANTS)
+def test_memory_efficient_gradients_equal_plain_autograd(model_name, kwargs):
+    rev, plain = _pair(model_name, **SMALL, **kwargs)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    target = torch.randn(3, 10, dtype=torch.float64)
+    results = []
+    for model in (plain, rev):
+        model.train()
+        inp = x.clone().requires_grad_()
+        loss = (model(inp) * target).sum()
+        loss.backward()
+        results.append([inp.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(results[1], results[0]):
+        assert (a - b).norm() <= 1e-8 * b.norm(), f'relative error {((a - b).norm() / b.norm()).item():.3g}'
+
+
+def test_batchnorm_statistics_after_one_train_step_are_identical():
+    rev, plain = _pair('hamiltonian_1202', **SMALL)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    for model in (rev, plain):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    rev_state, plain_state = rev.state_dict(), plain.state_dict()
+    buffers = [k for k in plain_state if 'running' in k or 'num_batches_tracked' in k]
+    assert len(buffers) == 3 * (2 * 2 * (2 + 3 + 2) - 1 + 2)  # every BN of the units, stem and head
+    for key in buffers:
+        assert torch.equal(rev_state[key], plain_state[key]), key
+        if key.endswith('num_batches_tracked'):
+            assert rev_state[key].item() == 1
+    for key in plain_state:
+        torch.testing.assert_close(rev_state[key], plain_state[key], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('model_name', ['hamiltonian_218', 'leapfrog_62'])
+def test_input_gradient_with_autograd_grad_in_eval_mode(model_name):
+    rev, plain = _pair(model_name, **SMALL)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for model in (plain, rev):
+        inp = x.clone().requires_grad_()
+        loss = F.cross_entropy(model.eval()(inp), torch.tensor([1, 2]))
+        grads.append(torch.autograd.grad(loss, inp)[0])
+        assert all(p.grad is None for p in model.parameters())
+    assert (grads[1] - grads[0]).norm() <= 1e-8 * grads[0].norm()
+
+
+@pytest.mark.parametrize('model_name', ['hamiltonian_218', 'hamiltonian_1202'])
+def test_autocast_bfloat16_trains_in_memory_efficient_mode(model_name):
+    """bfloat16 gradients differ from float32 ones anyway; the reversible backward (which recomputes under the
+    forward's autocast state) must not add much to that error. (BatchNorm in bfloat16 on a tiny batch is
+    noisy: 'bn' layers have the larger error, in both modes.)"""
+    rev, plain = (m.float().train() for m in _pair(model_name, **SMALL))
+    x = torch.randn(4, 3, 8, 8)
+
+    def grads(model, autocast):
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = grads(plain, autocast=False)
+    plain_bf16, rev_bf16 = grads(plain, autocast=True), grads(rev, autocast=True)
+    assert torch.isfinite(rev_bf16).all()
+    bf16_error = (plain_bf16 - reference).norm() / reference.norm()
+    assert 0 < bf16_error < 0.3
+    assert (rev_bf16 - reference).norm() / reference.norm() < 2 * bf16_error
+
+
+def test_no_reversible_graph_without_gradients(monkeypatch):
+    calls = []
+    apply = ReversibleSequenceFunction.apply
+    monkeypatch.setattr(ReversibleSequenceFunction, 'apply', lambda *a: calls.append(1) or apply(*a))
+    model = timm.create_model('hamiltonian_218', **SMALL).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    model.requires_grad_(False)
+    model(x)  # eval, nothing requires grad
+    assert calls == []
+    model(x.requires_grad_())  # an attack: input gradients through every stage
+    assert len(calls) == 3
+
+
+def _saved_bytes(model, x):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(total)
+
+
+def test_stored_activations_do_not_grow_with_depth():
+    x = torch.randn(2, 3, 16, 16)
+    shallow = timm.create_model('hamiltonian_218', layers=(2, 2, 2), widths=(8, 16, 24)).train()
+    deep = timm.create_model('hamiltonian_218', layers=(6, 6, 6), widths=(8, 16, 24)).train()
+    assert _saved_bytes(deep, x) == _saved_bytes(shallow, x)
+    shallow_plain = timm.create_model('hamiltonian_218', layers=(2, 2, 2), widths=(8, 16, 24),
+                                      memory_efficient=False).train()
+    assert _saved_bytes(shallow_plain, x) > 2 * _saved_bytes(shallow, x)
+
+
+def test_gradients_reach_every_parameter_once_under_ddp(tmp_path):
+    """DDP's reducer hooks fire when a parameter's gradient is accumulated: in memory-efficient mode every
+    parameter gets exactly one accumulation per backward, and DDP's gradients equal the plain ones."""
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "rendezvous"}', rank=0, world_size=1)
+    try:
+        rev, plain = _pair('hamiltonian_1202', **SMALL)
+        ddp = DistributedDataParallel(rev.train())
+        counts = {}
+        for name, p in rev.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: counts.update({name: counts.get(name, 0) + 1}))
+        x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+        for step in range(2):  # a missed hook would fail the second iteration ("finished reduction")
+            ddp.zero_grad()
+            ddp(x).square().sum().backward()
+        assert counts == {name: 2 for name, _ in rev.named_parameters()}
+        plain.train()(x).square().sum().backward()  # train-mode BN: batch statistics, same gradients
+        for p_rev, p_plain in zip(rev.parameters(), plain.parameters()):
+            torch.testing.assert_close(p_rev.grad, p_plain.grad, rtol=1e-8, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('memory_efficient', [True, False])
+def test_grad_checkpointing_recomputes_whole_stages(memory_efficient):
+    model = timm.create_model('leapfrog_62', memory_efficient=memory_efficient, **SMALL).double().train()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# -- weight smoothness decay ---------------------------------------------------------------------------------
+def test_smoothness_loss_and_its_gradient():
+    model = timm.create_model('hamiltonian_74', layers=(3, 2, 2), widths=(8, 16, 24)).double()
+    expected = 0.0
+    for stage in model.stages:
+        units = list(stage)[0 if stage.pad is None else 1:]  # the old-width unit has no same-shape neighbour
+        for prev, nxt in zip(units[:-1], units[1:]):
+            for name in ('f', 'g'):
+                expected += 0.5 * (getattr(nxt, name).fn.weight - getattr(prev, name).fn.weight).square().sum()
+    loss = model.smoothness_loss()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    loss.backward()
+    k = [u.f.fn.weight for u in model.stages[0]]  # d/dK_1 = (K_1 - K_0) - (K_2 - K_1)
+    torch.testing.assert_close(k[1].grad, (k[1] - k[0]) - (k[2] - k[1]), rtol=1e-12, atol=1e-14)
+
+    with torch.no_grad():
+        for stage in model.stages:
+            for unit in list(stage)[0 if stage.pad is None else 1:]:
+                for name in ('f', 'g'):
+                    getattr(unit, name).fn.weight.copy_(getattr(stage[-1], name).fn.weight)
+    assert model.smoothness_loss().item() == 0.0
+    assert timm.create_model('midpoint_26', layers=(1, 1, 1)).smoothness_loss().item() == 0.0

@@ -1,0 +1,211 @@
+"""The model-agnostic reversible Function: exact inversion, gradients equal to plain autograd, BatchNorm
+statistics updated once, dropout masks replayed, input gradients, autocast, and O(1) stored activations."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from odenet_timm.layers.reversible import (
+    AdditiveCoupling, ReversibleSequenceFunction, invert_sequence, reversible_sequence,
+)
+
+C = 4
+
+
+def _fn(dropout: float = 0.0) -> nn.Module:
+    layers = [nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C), nn.Tanh()]  # no bias: BN cancels it
+    return nn.Sequential(*layers, nn.Dropout(dropout)) if dropout else nn.Sequential(*layers)
+
+
+def _couplings(n: int, dropout: float = 0.0):
+    """Alternating couplings exercising every coefficient: ±x_t, β·x_s and γ·φ(x_s)."""
+    return [
+        AdditiveCoupling(_fn(dropout), target=i % 2, source=1 - i % 2, scale=0.5 - 0.2 * i,
+                         source_scale=0.7 if i % 2 else 0.0, negate_target=i % 3 == 1)
+        for i in range(n)
+    ]
+
+
+class PoolShift(nn.Module):
+    """A non-invertible step with parameters: ``(a, b) → (pool(a)·s, pool(b) + t)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(1.3))
+        self.t = nn.Parameter(torch.randn(1, C, 1, 1))
+
+    def forward(self, state):
+        a, b = state
+        return nn.functional.avg_pool2d(a, 2) * self.s, nn.functional.avg_pool2d(b, 2) + self.t
+
+
+def _sequence(dropout: float = 0.0, n: int = 3) -> nn.ModuleList:
+    return nn.ModuleList([*_couplings(n, dropout), PoolShift(), *_couplings(n, dropout)]).double().train()
+
+
+def _state(batch: int = 3, size: int = 8):
+    return [torch.randn(batch, C, size, size, dtype=torch.float64) for _ in range(2)]
+
+
+def _grads(steps, inputs, memory_efficient, seed=0, weights=None):
+    """Output, and gradients of a random linear functional of it w.r.t. the inputs and every parameter."""
+    params = [p for m in steps for p in m.parameters()]
+    state = [x.clone().requires_grad_() for x in inputs]
+    torch.manual_seed(seed)
+    out = reversible_sequence(list(steps), state, memory_efficient=memory_efficient)
+    if weights is None:
+        weights = [torch.randn_like(o) for o in out]
+    loss = sum((o * w).sum() for o, w in zip(out, weights))
+    return out, torch.autograd.grad(loss, [*state, *params]), weights
+
+
+def _assert_close_rel(actual, expected, rtol):
+    for a, e in zip(actual, expected):
+        assert (a - e).norm() <= rtol * e.norm() + 1e-300, f'relative error {((a - e).norm() / e.norm()).item():.3g}'
+
+
+def test_couplings_invert_exactly_in_float64():
+    steps = nn.ModuleList(_couplings(6)).double().eval()
+    state = _state()
+    with torch.no_grad():
+        out = reversible_sequence(list(steps), state)
+        back = invert_sequence(list(steps), out)
+        for x, y in zip(state, back):
+            assert (x - y).abs().max() < 1e-10
+        # one step: x_t ← ±x_t + β x_s + γ φ(x_s), the other entry untouched
+        step = steps[1]
+        y = step(tuple(state))
+        assert y[0] is state[0]
+        expected = -state[1] + 0.7 * state[0] + step.scale * step.fn(state[0])
+        torch.testing.assert_close(y[1], expected, rtol=0, atol=1e-14)
+
+
+def test_non_invertible_steps_cannot_be_inverted_and_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match='cannot be inverted'):
+        invert_sequence([PoolShift()], _state())
+    with pytest.raises(ValueError, match='target != source'):
+        AdditiveCoupling(_fn(), target=1, source=1)
+    with pytest.raises(ValueError, match='non-empty sequence of tensors'):
+        reversible_sequence([], [])
+
+
+def test_gradients_equal_plain_autograd_float64():
+    steps, inputs = _sequence(), _state()
+    out_plain, plain, weights = _grads(steps, inputs, memory_efficient=False)
+    out_rev, rev, _ = _grads(steps, inputs, memory_efficient=True, weights=weights)
+    for a, b in zip(out_rev, out_plain):
+        assert torch.equal(a, b)  # the same forward computation
+    _assert_close_rel(rev, plain, 1e-8)
+
+
+def test_batchnorm_statistics_are_updated_exactly_once():
+    base, inputs = _sequence(), _state()
+    models = {}
+    for memory_efficient in (False, True):
+        steps = copy.deepcopy(base)
+        _grads(steps, inputs, memory_efficient=memory_efficient)
+        models[memory_efficient] = steps
+    plain, rev = models[False].state_dict(), models[True].state_dict()
+    for key, value in plain.items():
+        if 'running' in key or 'num_batches' in key:
+            assert torch.equal(rev[key], value), key
+    assert all(v.item() == 1 for k, v in rev.items() if k.endswith('num_batches_tracked'))
+
+
+def test_dropout_masks_are_replayed_and_the_callers_rng_is_untouched():
+    steps, inputs = _sequence(dropout=0.5), _state()
+    _, plain, weights = _grads(steps, inputs, memory_efficient=False, seed=3)
+    _, rev, _ = _grads(steps, inputs, memory_efficient=True, seed=3, weights=weights)
+    _assert_close_rel(rev, plain, 1e-8)
+    _, other_seed, _ = _grads(steps, inputs, memory_efficient=True, seed=4, weights=weights)
+    assert not torch.allclose(other_seed[0], plain[0])  # the masks do matter
+
+    state = [x.clone().requires_grad_() for x in inputs]
+    out = reversible_sequence(list(steps), state)
+    after_forward = torch.get_rng_state()
+    sum(o.sum() for o in out).backward()
+    assert torch.equal(torch.get_rng_state(), after_forward)
+
+
+def test_input_gradient_through_autograd_grad_in_eval_mode():
+    steps, inputs = _sequence().eval(), _state()
+    results = []
+    for memory_efficient in (False, True):
+        state = [x.clone().requires_grad_() for x in inputs]
+        out = reversible_sequence(list(steps), state, memory_efficient=memory_efficient)
+        results.append(torch.autograd.grad(out[0].square().sum() + out[1].sum(), state))
+    _assert_close_rel(results[1], results[0], 1e-8)
+
+
+def test_backward_twice_with_retain_graph():
+    steps, inputs = _sequence(), _state()
+    state = [x.clone().requires_grad_() for x in inputs]
+    loss = sum(o.square().sum() for o in reversible_sequence(list(steps), state))
+    first = torch.autograd.grad(loss, state, retain_graph=True)
+    second = torch.autograd.grad(loss, state)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_not_used_when_no_gradient_is_needed(monkeypatch):
+    calls = []
+    apply = ReversibleSequenceFunction.apply
+    monkeypatch.setattr(ReversibleSequenceFunction, 'apply', lambda *a: calls.append(1) or apply(*a))
+    steps, inputs = _sequence(), _state()
+    with torch.no_grad():
+        reversible_sequence(list(steps), inputs)
+    steps.requires_grad_(False)
+    reversible_sequence(list(steps), inputs)  # nothing requires grad
+    assert calls == []
+    out = reversible_sequence(list(steps), [inputs[0].requires_grad_(), inputs[1]])
+    assert calls == [1] and out[0].requires_grad
+
+
+def _saved_bytes(steps, inputs, memory_efficient):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reversible_sequence(list(steps), [x.clone().requires_grad_() for x in inputs],
+                            memory_efficient=memory_efficient)
+    return sum(total)
+
+
+def test_stored_activations_do_not_grow_with_depth():
+    inputs = _state()
+    shallow, deep = _sequence(n=2), _sequence(n=8)
+    assert _saved_bytes(shallow, inputs, True) == _saved_bytes(deep, inputs, True)
+    # exactly the final state (2 entries, pooled) and the kept input of the pooling step (2 entries), float64
+    n = inputs[0].numel()
+    assert _saved_bytes(deep, inputs, True) == 8 * (2 * (n // 4) + 2 * n)
+    assert _saved_bytes(deep, inputs, False) > 3 * _saved_bytes(shallow, inputs, False)
+
+
+def test_autocast_bfloat16_runs_and_stays_close_to_plain():
+    steps = _sequence().float()
+    inputs = [x.float() for x in _state()]
+    results = []
+    for memory_efficient in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out, grads, _ = _grads(steps, inputs, memory_efficient=memory_efficient, weights=[
+                torch.ones(3, C, 4, 4), torch.ones(3, C, 4, 4)])
+        assert all(g.dtype == torch.float32 for g in grads)
+        results.append((out, grads))
+    for a, b in zip(results[1][0], results[0][0]):
+        assert torch.equal(a, b)
+    _assert_close_rel(results[1][1], results[0][1], 0.05)
+
+    # the recomputation in backward runs under the forward's autocast state (convolutions in bfloat16)
+    dtypes = []
+    for m in steps.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        state = [x.clone().requires_grad_() for x in inputs]
+        out = reversible_sequence(list(steps), state)
+    sum(o.sum() for o in out).backward()
+    assert len(dtypes) == 2 * 6 and set(dtypes) == {torch.bfloat16}
