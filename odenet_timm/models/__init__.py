@@ -1,2 +1,3 @@
 """Model families; importing this package registers every model with timm."""
 from .inresnet import *
+from .implicit import *
