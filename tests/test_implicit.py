@@ -200,6 +200,15 @@ def test_input_gradient_matches_finite_differences(memory_efficient):
     assert abs(float((grad * direction).sum()) - float(numeric)) < 1e-6 * abs(float(numeric)) + 1e-9
 
 
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_second_derivatives_are_refused_not_wrong(memory_efficient):
+    model = timm.create_model('implicit_trapezoid_resnet', memory_efficient=memory_efficient, **_TINY).eval()
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        grad.sum().backward()
+
+
 def test_evaluation_is_deterministic_with_and_without_grad():
     model = timm.create_model('implicit_trapezoid_resnet').eval()
     x = torch.randn(2, 3, 32, 32)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Protocol, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     'SOLVERS', 'SolverConfig', 'SolverStats', 'SolverStatsLog', 'FixedPointConvergenceWarning', 'ImplicitMap',
@@ -240,6 +241,7 @@ class _ImplicitGradient(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the adjoint solve runs without a graph: no second derivatives
     def backward(ctx, grad):
         out, y = ctx.saved_tensors
         return _adjoint(out, y, grad, ctx.name, ctx.config, ctx.log), None, None, None, None
@@ -282,6 +284,7 @@ class _ReversibleChain(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         y, *flat_params = ctx.saved_tensors
         param_grads: List[Sequence[torch.Tensor]] = []

@@ -48,7 +48,7 @@ class SpectralNormConv2d(nn.Conv2d):
     def power_iterate_(self, iterations: int) -> None:
         """Move the probe ``iterations`` power-iteration steps towards the top right singular vector."""
         u = self.probe
-        adjoint = self.weight.transpose(0, 1).flip(2, 3)  # conv2d with it is conv_transpose2d, but faster on CPU
+        adjoint = self.weight.transpose(0, 1).flip(2, 3).contiguous()  # = conv_transpose2d, faster on CPU
         for _ in range(iterations):
             u = F.conv2d(F.conv2d(u, self.weight, padding=self.padding), adjoint, padding=self.padding)
             u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)

@@ -87,12 +87,12 @@ class ImplicitBlock(nn.Module):
         Fn, h, theta = self.residual.evaluate, self.h, self.theta
         if self.scheme == 'one_leg':
             x_part = (1 - theta) * x
-            return (lambda y: x + h * Fn(x_part + theta * y, params)), x
+            return (lambda y: torch.add(x, Fn(torch.add(x_part, y, alpha=theta), params), alpha=h)), x
         if theta == 1:
-            return (lambda y: x + h * Fn(y, params)), x
+            return (lambda y: torch.add(x, Fn(y, params), alpha=h)), x
         fx = Fn(x, params)
-        explicit_part = x + h * (1 - theta) * fx
-        return (lambda y: explicit_part + h * theta * Fn(y, params)), (x + h * fx).detach()
+        explicit_part = torch.add(x, fx, alpha=h * (1 - theta))
+        return (lambda y: torch.add(explicit_part, Fn(y, params), alpha=h * theta)), torch.add(x, fx, alpha=h).detach()
 
     def inverse_map(self, y: torch.Tensor, *params: torch.Tensor) -> Tuple[Callable, torch.Tensor]:
         """``(x ↦ x', y)`` whose fixed point is the input ``x`` of output ``y``: ``x = y − h[(1 − θ) F(x) + θ F(y)]``
@@ -100,9 +100,9 @@ class ImplicitBlock(nn.Module):
         Fn, h, theta = self.residual.evaluate, self.h, self.theta
         if self.scheme == 'one_leg':
             y_part = theta * y
-            return (lambda x: y - h * Fn((1 - theta) * x + y_part, params)), y
-        implicit_part = y - h * theta * Fn(y, params)
-        return (lambda x: implicit_part - h * (1 - theta) * Fn(x, params)), y
+            return (lambda x: torch.add(y, Fn(torch.add(y_part, x, alpha=1 - theta), params), alpha=-h)), y
+        implicit_part = torch.add(y, Fn(y, params), alpha=-h * theta)
+        return (lambda x: torch.add(implicit_part, Fn(x, params), alpha=-h * (1 - theta))), y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self.residual.normalized_params()
