@@ -109,7 +109,7 @@ def _anderson_weights(gram: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def solve_fixed_point(
-        g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int = 5,
+        g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int = 5, keep_graph: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, SolverStats]:
     """Solve ``x = g(x)`` for a batch (dim 0 indexes samples) without building a graph.
 
@@ -119,7 +119,10 @@ def solve_fixed_point(
     smallest residual. Stops when every sample is within ``tol`` or after ``max_iter`` evaluations.
 
     Returns ``(x, g(x), stats)`` for those best iterates; ``g(x)`` is one more application of the map (a better
-    solution when ``g`` is a contraction) and costs nothing extra.
+    solution when ``g`` is a contraction) and costs nothing extra. With ``keep_graph`` each ``g(x)`` is recorded by
+    autograd at a fresh leaf ``x``, and the returned ``g(x)`` keeps its graph (to that leaf and whatever ``g``
+    closes over), so a caller differentiating it needs no extra evaluation (one only where samples' best iterates
+    come from different iterations).
     """
     batch, dim = x0.shape[0], x0[0].numel()
     mask_shape = (-1,) + (1,) * (x0.dim() - 1)
@@ -131,7 +134,12 @@ def solve_fixed_point(
     best_x = best_gx = best_res = None
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        gx = g(x)
+        if keep_graph:
+            x = x.detach().requires_grad_()
+            with torch.enable_grad():
+                gx = g(x)
+        else:
+            gx = g(x)
         r = gx - x
         res = _relative_residual(r, gx)
         better = None if best_res is None else res < best_res
@@ -152,8 +160,15 @@ def solve_fixed_point(
         dots = torch.bmm(residuals[:, :n], residuals[:, slot, :, None]).squeeze(2)
         gram[:, slot, :n] = dots
         gram[:, :n, slot] = dots
+        if n == 1:  # a single iterate mixes to itself
+            x = gx
+            continue
         alpha = _anderson_weights(gram[:, :n, :n])
         x = torch.bmm(alpha[:, None, :], images[:, :n]).view_as(x0)
+    if keep_graph and not best_gx.requires_grad:  # merged per sample from several iterations
+        best_x = best_x.detach().requires_grad_()
+        with torch.enable_grad():
+            best_gx = g(best_x)
     worst = float(best_res.max())
     return best_x, best_gx, SolverStats(iterations, worst, worst <= tol, tol, max_iter)
 
@@ -214,8 +229,8 @@ class ImplicitMap(Protocol):
 
 
 def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int,
-           config: SolverConfig, log: SolverStatsLog) -> Tuple[torch.Tensor, torch.Tensor]:
-    x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, config.memory)
+           config: SolverConfig, log: SolverStatsLog, keep_graph: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, config.memory, keep_graph)
     log.record(kind, name, stats)
     return x, gx
 
@@ -251,16 +266,16 @@ def implicit_step(step: ImplicitMap, x: torch.Tensor, params: Sequence[torch.Ten
                   log: SolverStatsLog) -> torch.Tensor:
     """``y`` with ``y = G(x, y)``, differentiable by the implicit function theorem.
 
-    Returns ``G(x, y*)`` for the solver's ``y*``: under ``torch.no_grad`` the solver's last evaluation, otherwise
-    recomputed with a graph to ``x`` and ``params`` (``y*`` enters as a constant leaf), whose backward first
+    Returns ``G(x, y*)`` for the solver's ``y*``, the solver's own evaluation there. With grad enabled that
+    evaluation is recorded with a graph to ``x`` and ``params`` (``y*`` enters as a leaf), whose backward first
     solves ``(I − ∂G/∂y)ᵀ v = g``. That graph (one application of ``G``) is all the step stores.
     """
     g, y0 = step.forward_map(x, *params)
-    y_star, gy = _solve('forward', step.name, g, y0, config.tol, config.max_iter, config, log)
-    if not torch.is_grad_enabled():
+    keep_graph = torch.is_grad_enabled()
+    y_star, gy = _solve('forward', step.name, g, y0, config.tol, config.max_iter, config, log, keep_graph)
+    if not keep_graph:
         return gy
-    y_star = y_star.detach().requires_grad_()
-    return _ImplicitGradient.apply(g(y_star), y_star, step.name, config, log)
+    return _ImplicitGradient.apply(gy, y_star, step.name, config, log)
 
 
 @torch.no_grad()

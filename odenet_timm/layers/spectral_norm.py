@@ -11,7 +11,8 @@ residual networks (Behrmann et al., ICML 2019, arXiv:1811.00995; Gouk et al. 202
 
 The estimate σ is a lower bound converging to ‖K‖ on the probe size (zero padding makes the norm grow slightly
 with the image size, towards the norm on the infinite grid). One iteration per training-mode call tracks the
-slowly changing weight; evaluation does not update the probe, so it is deterministic. Compute the normalised
+slowly changing weight (σ is read from the probe before that call's update, sharing its ``K u``); evaluation does
+not update the probe, so it is deterministic. Compute the normalised
 weight once per use (:meth:`SpectralNormConv2d.normalized_weight`) and reuse it, so that it stays fixed within,
 for example, a fixed-point solve.
 """
@@ -44,25 +45,33 @@ class SpectralNormConv2d(nn.Conv2d):
         probe = torch.randn(1, in_channels, probe_size, probe_size)
         self.register_buffer('probe', probe / probe.norm())
 
+    def _adjoint_step(self, v: torch.Tensor) -> None:
+        """``u ← Kᵀ v / ‖Kᵀ v‖`` into the probe (conv2d with the channel-swapped, flipped kernel is
+        ``conv_transpose2d``, but takes a faster path on CPU)."""
+        adjoint = self.weight.detach().transpose(0, 1).flip(2, 3).contiguous()
+        u = F.conv2d(v, adjoint, padding=self.padding)
+        self.probe.copy_(u / u.norm().clamp_min(torch.finfo(u.dtype).tiny))
+
     @torch.no_grad()
     def power_iterate_(self, iterations: int) -> None:
         """Move the probe ``iterations`` power-iteration steps towards the top right singular vector."""
-        u = self.probe
-        adjoint = self.weight.transpose(0, 1).flip(2, 3).contiguous()  # = conv_transpose2d, faster on CPU
         for _ in range(iterations):
-            u = F.conv2d(F.conv2d(u, self.weight, padding=self.padding), adjoint, padding=self.padding)
-            u = u / u.norm().clamp_min(torch.finfo(u.dtype).tiny)
-        self.probe.copy_(u)
+            self._adjoint_step(F.conv2d(self.probe, self.weight, padding=self.padding))
 
     def operator_norm(self) -> torch.Tensor:
         """The current estimate ``σ = ‖K u‖`` (differentiable in the weight)."""
         return F.conv2d(self.probe, self.weight, padding=self.padding).norm()
 
     def normalized_weight(self) -> torch.Tensor:
-        """``W / max(1, σ / max_norm)``; in training mode after ``power_iterations`` probe updates."""
+        """``W / max(1, σ / max_norm)`` with ``σ = ‖K u‖``; in training mode the probe then takes one power-iteration
+        step from the same ``K u`` (``power_iterations`` steps in all), so σ costs no extra convolution."""
+        ku = F.conv2d(self.probe.clone(), self.weight, padding=self.padding)  # the probe is updated in place below
+        sigma = ku.norm()
         if self.training:
-            self.power_iterate_(self.power_iterations)
-        return self.weight / (self.operator_norm() / self.max_norm).clamp_min(1.0)
+            with torch.no_grad():
+                self._adjoint_step(ku)
+                self.power_iterate_(self.power_iterations - 1)
+        return self.weight / (sigma / self.max_norm).clamp_min(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)
