@@ -30,8 +30,9 @@ def test_bench_runs_side_by_side_with_ratios(tmp_path, capsys):
     base, other = rows['cifar_resnet_20:layers=[1,1,1]'], rows['inresnet_20:layers=[2,2,2]']
     assert base['step_time_ratio'] == 1.0 and base['eval_time_ratio'] == 1.0 and base['step_cpu_time_ratio'] == 1.0
     assert other['params'] > base['params'] and other['kwargs'] == {'layers': [2, 2, 2]}
-    for key in ('train_img_s', 'eval_img_s', 'train_step_ms', 'train_step_cpu_ms'):
+    for key in ('train_img_s', 'eval_img_s', 'train_step_ms', 'train_step_cpu_ms', 'train_step_gflop'):
         assert other[key] > 0
+    assert base['step_flop_ratio'] == 1.0 and other['step_flop_ratio'] > 1.0  # twice the blocks, more convolutions
     # a resident-set peak can already have been reached while building a model this small
     assert other['peak_train_mem_mb'] >= 0 and base['peak_train_mem_mb'] >= 0
     table = capsys.readouterr().out
