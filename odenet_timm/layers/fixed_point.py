@@ -4,10 +4,10 @@ An implicit step defines its output ``y`` as the fixed point of a map ``y = G(x,
 θ-method ``G(x, y) = x + h[(1 − θ) F(x) + θ F(y)]``, Reshniak & Webster, "Robust learning with implicit residual
 networks", arXiv:1905.10479). This module knows nothing about what ``G`` is; it provides
 
-* :func:`solve_fixed_point`: fixed-point iteration or Anderson acceleration, run without building a graph, to a
-  per-sample relative residual ``‖G(y) − y‖ / ‖G(y)‖ ≤ tol`` or ``max_iter`` evaluations of ``G``;
+* :func:`solve_fixed_point`: fixed-point iteration or Anderson acceleration, with no graph linking the
+  iterations, to a per-sample relative residual ``‖G(y) − y‖ / ‖G(y)‖ ≤ tol`` or ``max_iter`` evaluations of ``G``;
 * :func:`implicit_step`: the forward solve plus an implicit-function-theorem backward. With ``y*`` the solution,
-  the step returns ``G(x, y*)`` differentiably in ``x`` and the parameters but with ``y*`` a constant; the
+  the step returns ``G(x, y*)`` differentiably in ``x`` and the parameters, ``y*`` a leaf of that graph; the
   gradient ``g`` arriving at the output is replaced by the solution ``v`` of ``(I − ∂G/∂y)ᵀ v = g`` (solved
   matrix-free with vector-Jacobian products, ``v = g + (∂G/∂y)ᵀ v``, by the same solvers), which autograd then
   pushes through that single application of ``G`` to the inputs and parameters. No backpropagation through the
@@ -111,7 +111,7 @@ def _anderson_weights(gram: torch.Tensor) -> torch.Tensor:
 def solve_fixed_point(
         g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int = 5, keep_graph: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, SolverStats]:
-    """Solve ``x = g(x)`` for a batch (dim 0 indexes samples) without building a graph.
+    """Solve ``x = g(x)`` for a batch (dim 0 indexes samples); nothing is differentiated through the iterations.
 
     ``memory == 1`` is fixed-point iteration ``x ← g(x)``; ``memory > 1`` is Anderson acceleration: the next
     iterate is ``Σ α_i g(x_i)`` over the last ``memory`` iterates, α minimising ``‖Σ α_i (g(x_i) − x_i)‖`` with

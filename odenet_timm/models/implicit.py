@@ -8,9 +8,10 @@ Reshniak & Webster, "Robust learning with implicit residual networks", arXiv:190
 
 θ = 0 is the explicit ResNet step ``x + h F(x)`` (evaluated directly, no solver), θ = 1 backward Euler and θ = ½
 the trapezoidal rule (linear) or implicit midpoint rule (one-leg), both symmetric, hence reversible, and second
-order. The output is solved for without a graph (Anderson acceleration or fixed-point iteration from the explicit
-Euler predictor ``x_n + h F(x_n)``) and differentiated by the implicit function theorem: one linear solve
-``(I − hθ J_F)ᵀ v = g`` per block in backward, nothing stored from the solver (``odenet_timm.layers.fixed_point``).
+order. The output is solved for by Anderson acceleration or fixed-point iteration from the explicit Euler
+predictor ``x_n + h F(x_n)`` and differentiated by the implicit function theorem, not through the iterations: one
+linear solve ``(I − hθ J_F)ᵀ v = g`` per block in backward, and only the converged evaluation of the step is kept
+for it (``odenet_timm.layers.fixed_point``).
 
 ``F(y) = K₂ ReLU(K₁ y + b₁) + b₂`` with 3×3 convolutions and no batch norm (batch statistics would change between
 solver iterations). Each convolution is spectrally normalised on its operator norm to ``√lipschitz``, so
