@@ -12,6 +12,11 @@ over rounds is reported together with ratios against a named baseline.
 A configuration is ``MODEL`` or ``MODEL:key=value,key=value`` (values parsed as YAML: ``false``, ``0.5``,
 ``[8,8,8]``), passed as kwargs to ``timm.create_model``.
 
+Time: wall-clock per train step and, beside it, the process's CPU time per train step (all its threads), which
+other processes competing for the cores inflate less than wall time; and the convolution/matmul GFLOP of one
+train step (``torch.utils.flop_counter``, counted once after the timed steps), which no machine load changes.
+On a shared machine compare CPU-bound configurations by those two.
+
 Memory: on CPU the process's resident-set peak during the train steps minus its peak right after building
 the model, data and optimizer (``ru_maxrss``); on CUDA ``torch.cuda.max_memory_allocated`` during the train
 steps minus the memory allocated after building. Either way it is what one train step adds: activations,
@@ -30,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-_TIME_KEYS = ('train_step_ms', 'train_img_s', 'eval_img_s')
+_TIME_KEYS = ('train_step_ms', 'train_step_cpu_ms', 'train_img_s', 'eval_img_s')
 
 
 def parse_spec(spec: str):
@@ -64,6 +69,7 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
     """Build one configuration and measure it in this process."""
     import timm
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
     import odenet_timm  # noqa: F401  (registers the models)
 
     name, kwargs = parse_spec(spec)
@@ -102,12 +108,15 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
     for _ in range(warmup):
         train_step()
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         train_step()
         record_solver_stats()
     sync()
     train_s = (time.perf_counter() - start) / steps
+    train_cpu_s = (time.process_time() - cpu_start) / steps
+    with FlopCounterMode(display=False) as flop_counter:  # one more step, counted (convolutions, matmuls)
+        train_step()
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
     else:
@@ -130,6 +139,8 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
         'kwargs': kwargs,
         'params': sum(p.numel() for p in model.parameters()),
         'train_step_ms': 1000 * train_s,
+        'train_step_cpu_ms': 1000 * train_cpu_s,
+        'train_step_gflop': flop_counter.get_total_flops() / 1e9,
         'train_img_s': batch_size / train_s,
         'eval_img_s': batch_size / eval_s,
         'peak_train_mem_mb': peak_mb,
@@ -168,14 +179,17 @@ def add_ratios(rows: list, baseline: str) -> None:
         if base is None or 'error' in row:
             continue
         row['step_time_ratio'] = row['train_step_ms'] / base['train_step_ms']
+        row['step_cpu_time_ratio'] = row['train_step_cpu_ms'] / base['train_step_cpu_ms']
+        row['step_flop_ratio'] = row['train_step_gflop'] / base['train_step_gflop']
         row['eval_time_ratio'] = base['eval_img_s'] / row['eval_img_s']
         row['memory_ratio'] = row['peak_train_mem_mb'] / base['peak_train_mem_mb'] if base['peak_train_mem_mb'] > 0 else None
 
 
 def markdown_table(rows: list, baseline: str) -> str:
     solver_keys = sorted({k for r in rows for k in r.get('solver', {})})
-    header = ['config', 'params', 'train img/s', 'eval img/s', 'train step ms', 'peak train mem MB',
-              f'step time / {baseline}', f'eval time / {baseline}', f'memory / {baseline}'] + solver_keys
+    header = ['config', 'params', 'train img/s', 'eval img/s', 'train step ms', 'train step CPU ms',
+              'train step GFLOP', 'peak train mem MB', f'step time / {baseline}', f'step CPU time / {baseline}',
+              f'step GFLOP / {baseline}', f'eval time / {baseline}', f'memory / {baseline}'] + solver_keys
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 
     def fmt(value, spec):
@@ -186,10 +200,12 @@ def markdown_table(rows: list, baseline: str) -> str:
             lines.append(f"| {r['config']} | error: {r['error']} |" + ' |' * (len(header) - 2))
             continue
         cells = [r['config'], f"{r['params']:,}", fmt(r['train_img_s'], '.1f'), fmt(r['eval_img_s'], '.1f'),
-                 fmt(r['train_step_ms'], '.1f'), fmt(r['peak_train_mem_mb'], '.1f'),
-                 fmt(r.get('step_time_ratio'), '.3f'), fmt(r.get('eval_time_ratio'), '.3f'),
+                 fmt(r['train_step_ms'], '.1f'), fmt(r['train_step_cpu_ms'], '.1f'), fmt(r['train_step_gflop'], '.2f'),
+                 fmt(r['peak_train_mem_mb'], '.1f'),
+                 fmt(r.get('step_time_ratio'), '.3f'), fmt(r.get('step_cpu_time_ratio'), '.3f'),
+                 fmt(r.get('step_flop_ratio'), '.3f'), fmt(r.get('eval_time_ratio'), '.3f'),
                  fmt(r.get('memory_ratio'), '.3f')]
-        cells += [fmt(r.get('solver', {}).get(k), '.2f') for k in solver_keys]
+        cells += [fmt(r.get('solver', {}).get(k), '.3g') for k in solver_keys]  # residuals are ~1e-4
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 

@@ -28,10 +28,11 @@ def test_bench_runs_side_by_side_with_ratios(tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = {r['config']: r for r in result['rows']}
     base, other = rows['cifar_resnet_20:layers=[1,1,1]'], rows['inresnet_20:layers=[2,2,2]']
-    assert base['step_time_ratio'] == 1.0 and base['eval_time_ratio'] == 1.0
+    assert base['step_time_ratio'] == 1.0 and base['eval_time_ratio'] == 1.0 and base['step_cpu_time_ratio'] == 1.0
     assert other['params'] > base['params'] and other['kwargs'] == {'layers': [2, 2, 2]}
-    for key in ('train_img_s', 'eval_img_s', 'train_step_ms'):
+    for key in ('train_img_s', 'eval_img_s', 'train_step_ms', 'train_step_cpu_ms', 'train_step_gflop'):
         assert other[key] > 0
+    assert base['step_flop_ratio'] == 1.0 and other['step_flop_ratio'] > 1.0  # twice the blocks, more convolutions
     # a resident-set peak can already have been reached while building a model this small
     assert other['peak_train_mem_mb'] >= 0 and base['peak_train_mem_mb'] >= 0
     table = capsys.readouterr().out
@@ -43,3 +44,15 @@ def test_bench_reports_a_failing_configuration(tmp_path):
                             '--device', 'cpu', '--json', str(tmp_path / 'b.json')])
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
     assert rc == 1 and 'Unknown model' in rows[0]['error']
+
+
+def test_bench_reports_solver_statistics_of_implicit_models(tmp_path, capsys):
+    spec = 'implicit_trapezoid_resnet:steps=[1,1,1],widths=[4,4,4]'
+    rc = bench_models.main([spec, '--baseline', spec, '--batch-size', '2', '--steps', '1', '--warmup', '0',
+                            '--rounds', '1', '--device', 'cpu', '--json', str(tmp_path / 'b.json')])
+    assert rc == 0
+    solver = json.loads((tmp_path / 'b.json').read_text())['rows'][0]['solver']
+    assert solver['forward_solves'] == 3 and solver['backward_solves'] == 3 and solver['converged'] == 1.0
+    assert 1 <= solver['forward_iterations_mean'] <= 30 and 0 <= solver['forward_residual_max'] <= 1e-4
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| config |'))
+    assert ' forward_iterations_mean ' in header.split('|') and ' backward_iterations_mean ' in header.split('|')

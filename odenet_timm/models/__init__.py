@@ -1,3 +1,4 @@
 """Model families; importing this package registers every model with timm."""
 from .inresnet import *
 from .hamiltonian import *
+from .implicit import *

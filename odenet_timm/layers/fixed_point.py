@@ -1,0 +1,342 @@
+"""Fixed-point solves with implicit-function-theorem gradients, and their reversible (memory-efficient) chain.
+
+An implicit step defines its output ``y`` as the fixed point of a map ``y = G(x, y)`` (for example the implicit
+θ-method ``G(x, y) = x + h[(1 − θ) F(x) + θ F(y)]``, Reshniak & Webster, "Robust learning with implicit residual
+networks", arXiv:1905.10479). This module knows nothing about what ``G`` is; it provides
+
+* :func:`solve_fixed_point`: fixed-point iteration or Anderson acceleration, with no graph linking the
+  iterations, to a per-sample relative residual ``‖G(y) − y‖ / ‖G(y)‖ ≤ tol`` or ``max_iter`` evaluations of ``G``;
+* :func:`implicit_step`: the forward solve plus an implicit-function-theorem backward. With ``y*`` the solution,
+  the step returns ``G(x, y*)`` differentiably in ``x`` and the parameters, ``y*`` a leaf of that graph; the
+  gradient ``g`` arriving at the output is replaced by the solution ``v`` of ``(I − ∂G/∂y)ᵀ v = g`` (solved
+  matrix-free with vector-Jacobian products, ``v = g + (∂G/∂y)ᵀ v``, by the same solvers), which autograd then
+  pushes through that single application of ``G`` to the inputs and parameters. No backpropagation through the
+  solver iterations; for ``G = x + h[(1 − θ) F(x) + θ F(y)]`` the system is ``(I − hθ J_F(y*))ᵀ v = g``;
+* :func:`reversible_implicit_chain`: the same steps chained without storing any intermediate state: backward
+  reconstructs each step's input ``x`` from its output ``y`` by solving ``G(x, y) = y`` for ``x`` (for the
+  trapezoidal rule, θ = ½, this is the reversed trapezoidal step) and recomputes the step from there;
+* :class:`SolverStatsLog`: the statistics (iterations, final residual, converged flag) of the latest solves of
+  a network, and a warning the first time one of them does not converge.
+
+A step is described by an object with ``name`` and two methods (see :class:`ImplicitMap`): ``forward_map(x,
+*params)`` returning the map ``y ↦ G(x, y)`` and an initial guess for ``y``, and ``inverse_map(y, *params)``
+returning a map whose fixed point is the ``x`` with ``G(x, y) = y`` and an initial guess for ``x`` (only the
+reversible chain needs it).
+"""
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Protocol, Sequence, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    'SOLVERS', 'SolverConfig', 'SolverStats', 'SolverStatsLog', 'FixedPointConvergenceWarning', 'ImplicitMap',
+    'solve_fixed_point', 'implicit_step', 'reconstruct_input', 'reversible_implicit_chain',
+]
+
+SOLVERS = ('anderson', 'fixed_point')
+
+TensorMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+class FixedPointConvergenceWarning(RuntimeWarning):
+    """A fixed-point solve stopped at its iteration limit above its tolerance."""
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Settings of the forward solve (``tol``, ``max_iter``; also used to reconstruct inputs) and of the
+    backward linear solve (``backward_tol``, ``backward_max_iter``). Tolerances are per-sample relative
+    residuals ``‖G(y) − y‖ / ‖G(y)‖``; ``anderson_memory`` is the number of past iterates Anderson mixes."""
+    solver: str = 'anderson'
+    tol: float = 1e-4
+    max_iter: int = 30
+    backward_tol: float = 1e-4
+    backward_max_iter: int = 30
+    anderson_memory: int = 5
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f'solver must be one of {SOLVERS}, got {self.solver!r}')
+        for key in ('tol', 'backward_tol'):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise ValueError(f'{key} must be a relative residual in (0, 1), got {value!r}')
+        for key in ('max_iter', 'backward_max_iter', 'anderson_memory'):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{key} must be a positive integer, got {value!r}')
+
+    @property
+    def memory(self) -> int:
+        """History length of the solver: 1 is plain fixed-point iteration ``y ← G(y)``."""
+        return self.anderson_memory if self.solver == 'anderson' else 1
+
+
+@dataclass(frozen=True)
+class SolverStats:
+    """One solve: ``iterations`` evaluations of the map, the largest per-sample relative ``residual`` at the
+    returned iterate, and whether it is within ``tol``."""
+    iterations: int
+    residual: float
+    converged: bool
+    tol: float
+    max_iter: int
+
+
+def _relative_residual(r: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``‖r‖ / ‖G(x)‖`` for ``r = G(x) − x`` (0 where both vanish; +inf where not finite)."""
+    num = r.flatten(1).norm(dim=1)
+    den = gx.flatten(1).norm(dim=1)
+    res = torch.where(num == 0, torch.zeros_like(num), num / den)
+    return torch.nan_to_num(res, nan=math.inf)
+
+
+def _anderson_weights(gram: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights α summing to 1 that minimise ``‖Σ_i α_i r_i‖``, given the ``(B, n, n)`` Gram matrix
+    ``A_ij = ⟨r_i, r_j⟩`` of the residual history: ``α ∝ A⁻¹1``, solved in float64 after Jacobi scaling
+    ``Â = D^{-1/2} A D^{-1/2}`` (unit diagonal) with a small ridge for nearly collinear residuals."""
+    ridge = 100 * torch.finfo(gram.dtype).eps
+    a = gram.double()
+    d = a.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(torch.float64).tiny ** 0.5).rsqrt()
+    a_hat = a * d[:, :, None] * d[:, None, :]
+    a_hat = a_hat + ridge * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    w = d * torch.linalg.solve(a_hat, d)
+    return (w / w.sum(dim=1, keepdim=True)).to(gram.dtype)
+
+
+@torch.no_grad()
+def solve_fixed_point(
+        g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int = 5, keep_graph: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, SolverStats]:
+    """Solve ``x = g(x)`` for a batch (dim 0 indexes samples); nothing is differentiated through the iterations.
+
+    ``memory == 1`` is fixed-point iteration ``x ← g(x)``; ``memory > 1`` is Anderson acceleration: the next
+    iterate is ``Σ α_i g(x_i)`` over the last ``memory`` iterates, α minimising ``‖Σ α_i (g(x_i) − x_i)‖`` with
+    ``Σ α_i = 1``. Every evaluation ``g(x)`` measures the residual at ``x``; each sample keeps the iterate with its
+    smallest residual. Stops when every sample is within ``tol`` or after ``max_iter`` evaluations.
+
+    Returns ``(x, g(x), stats)`` for those best iterates; ``g(x)`` is one more application of the map (a better
+    solution when ``g`` is a contraction) and costs nothing extra. With ``keep_graph`` each ``g(x)`` is recorded by
+    autograd at a fresh leaf ``x``, and the returned ``g(x)`` keeps its graph (to that leaf and whatever ``g``
+    closes over), so a caller differentiating it needs no extra evaluation (one only where samples' best iterates
+    come from different iterations).
+    """
+    batch, dim = x0.shape[0], x0[0].numel()
+    mask_shape = (-1,) + (1,) * (x0.dim() - 1)
+    if memory > 1:  # ring buffers of the last `memory` images g(x_i), residuals r_i and their Gram matrix
+        images = x0.new_empty(batch, memory, dim)
+        residuals = x0.new_empty(batch, memory, dim)
+        gram = x0.new_zeros(batch, memory, memory)
+    x = x0
+    best_x = best_gx = best_res = None
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        if keep_graph:
+            x = x.detach().requires_grad_()
+            with torch.enable_grad():
+                gx = g(x)
+        else:
+            gx = g(x)
+        r = gx - x
+        res = _relative_residual(r, gx)
+        better = None if best_res is None else res < best_res
+        if better is None or bool(better.all()):
+            best_x, best_gx, best_res = x, gx, res
+        else:
+            best_x = torch.where(better.view(mask_shape), x, best_x)
+            best_gx = torch.where(better.view(mask_shape), gx, best_gx)
+            best_res = torch.where(better, res, best_res)
+        if best_res.max() <= tol:
+            break
+        if memory == 1:
+            x = gx
+            continue
+        slot, n = (iterations - 1) % memory, min(iterations, memory)
+        images[:, slot] = gx.flatten(1)
+        residuals[:, slot] = r.flatten(1)
+        dots = torch.bmm(residuals[:, :n], residuals[:, slot, :, None]).squeeze(2)
+        gram[:, slot, :n] = dots
+        gram[:, :n, slot] = dots
+        if n == 1:  # a single iterate mixes to itself
+            x = gx
+            continue
+        alpha = _anderson_weights(gram[:, :n, :n])
+        x = torch.bmm(alpha[:, None, :], images[:, :n]).view_as(x0)
+    if keep_graph and not best_gx.requires_grad:  # merged per sample from several iterations
+        best_x = best_x.detach().requires_grad_()
+        with torch.enable_grad():
+            best_gx = g(best_x)
+    worst = float(best_res.max())
+    return best_x, best_gx, SolverStats(iterations, worst, worst <= tol, tol, max_iter)
+
+
+class SolverStatsLog:
+    """Latest statistics of each (kind, step) solve of one network, and a once-only non-convergence warning.
+
+    Kinds: ``'forward'`` (the step's fixed point), ``'backward'`` (the adjoint linear system) and
+    ``'reconstruct'`` (an input recovered from an output by the reversible chain). A record replaces the
+    previous one of the same kind and step, so the log always describes the latest forward/backward.
+    """
+    KINDS = ('forward', 'backward', 'reconstruct')
+
+    def __init__(self):
+        self.records: Dict[str, Dict[str, SolverStats]] = {kind: {} for kind in self.KINDS}
+        self.warned = False
+
+    def record(self, kind: str, name: str, stats: SolverStats) -> None:
+        self.records[kind][name] = stats
+        if not stats.converged and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f'{name}: the {kind} fixed-point solve did not converge (relative residual {stats.residual:.2e} > '
+                f'tol {stats.tol:.1e} after {stats.iterations} iterations, max_iter {stats.max_iter}); its map may '
+                f'not be a contraction (try a smaller step h or θ·h, or a larger iteration limit). Reported once per '
+                f'model; solver_stats() shows every solve.',
+                FixedPointConvergenceWarning, stacklevel=3)
+
+    def summary(self) -> Dict[str, float]:
+        """Flat numbers per kind: ``{kind}_iterations_mean/_max``, ``{kind}_residual_max``, ``{kind}_converged``,
+        ``{kind}_solves``; ``converged`` over every solve. Empty when nothing has been solved."""
+        out, every = {}, []
+        for kind, records in self.records.items():
+            stats = list(records.values())
+            if not stats:
+                continue
+            every += stats
+            iters = [s.iterations for s in stats]
+            out[f'{kind}_iterations_mean'] = sum(iters) / len(iters)
+            out[f'{kind}_iterations_max'] = max(iters)
+            out[f'{kind}_residual_max'] = max(s.residual for s in stats)
+            out[f'{kind}_converged'] = all(s.converged for s in stats)
+            out[f'{kind}_solves'] = len(stats)
+        if every:
+            out['converged'] = all(s.converged for s in every)
+        return out
+
+
+class ImplicitMap(Protocol):
+    """What the solvers need to know about an implicit step ``y = G(x, y)`` with parameters ``params``."""
+    name: str
+
+    def forward_map(self, x: torch.Tensor, *params: torch.Tensor) -> Tuple[TensorMap, torch.Tensor]:
+        """``(y ↦ G(x, y), initial guess for y)``; differentiable in ``x`` and ``params``."""
+
+    def inverse_map(self, y: torch.Tensor, *params: torch.Tensor) -> Tuple[TensorMap, torch.Tensor]:
+        """``(a map whose fixed point is the x with G(x, y) = y, initial guess for x)``."""
+
+
+def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int,
+           config: SolverConfig, log: SolverStatsLog, keep_graph: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, config.memory, keep_graph)
+    log.record(kind, name, stats)
+    return x, gx
+
+
+def _adjoint(out: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, name: str, config: SolverConfig,
+             log: SolverStatsLog) -> torch.Tensor:
+    """Solve ``v = grad + (∂out/∂y)ᵀ v``, i.e. ``(I − ∂G/∂y)ᵀ v = grad``, with vector-Jacobian products through
+    the graph ``out = G(x, y)`` (kept for the caller's final push)."""
+    def adjoint_map(v):
+        return grad + torch.autograd.grad(out, y, v, retain_graph=True)[0]
+
+    _, v = _solve('backward', name, adjoint_map, grad, config.backward_tol, config.backward_max_iter, config, log)
+    return v
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """Identity on ``out = G(x, y*)`` whose backward replaces the incoming gradient by the adjoint solution."""
+
+    @staticmethod
+    def forward(ctx, out, y, name, config, log):
+        ctx.save_for_backward(out, y)
+        ctx.name, ctx.config, ctx.log = name, config, log
+        return out
+
+    @staticmethod
+    @once_differentiable  # the adjoint solve runs without a graph: no second derivatives
+    def backward(ctx, grad):
+        out, y = ctx.saved_tensors
+        return _adjoint(out, y, grad, ctx.name, ctx.config, ctx.log), None, None, None, None
+
+
+def implicit_step(step: ImplicitMap, x: torch.Tensor, params: Sequence[torch.Tensor], config: SolverConfig,
+                  log: SolverStatsLog) -> torch.Tensor:
+    """``y`` with ``y = G(x, y)``, differentiable by the implicit function theorem.
+
+    Returns ``G(x, y*)`` for the solver's ``y*``, the solver's own evaluation there. With grad enabled that
+    evaluation is recorded with a graph to ``x`` and ``params`` (``y*`` enters as a leaf), whose backward first
+    solves ``(I − ∂G/∂y)ᵀ v = g``. That graph (one application of ``G``) is all the step stores.
+    """
+    g, y0 = step.forward_map(x, *params)
+    keep_graph = torch.is_grad_enabled()
+    y_star, gy = _solve('forward', step.name, g, y0, config.tol, config.max_iter, config, log, keep_graph)
+    if not keep_graph:
+        return gy
+    return _ImplicitGradient.apply(gy, y_star, step.name, config, log)
+
+
+@torch.no_grad()
+def reconstruct_input(step: ImplicitMap, y: torch.Tensor, params: Sequence[torch.Tensor], config: SolverConfig,
+                      log: SolverStatsLog) -> torch.Tensor:
+    """The input ``x`` with ``G(x, y) = y``, solved to the forward tolerance (kind ``'reconstruct'``)."""
+    r, x0 = step.inverse_map(y, *params)
+    return _solve('reconstruct', step.name, r, x0, config.tol, config.max_iter, config, log)[1]
+
+
+class _ReversibleChain(torch.autograd.Function):
+    """``x ↦ y_K`` through K implicit steps, storing only ``y_K`` (and the parameters)."""
+
+    @staticmethod
+    def forward(ctx, steps, config, log, sizes, x, *flat_params):
+        params = _split(flat_params, sizes)
+        for step, p in zip(steps, params):
+            x = implicit_step(step, x, p, config, log)  # grad is off inside forward: no graph, no storage
+        ctx.steps, ctx.config, ctx.log, ctx.sizes = steps, config, log, sizes
+        ctx.save_for_backward(x, *flat_params)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, *flat_params = ctx.saved_tensors
+        param_grads: List[Sequence[torch.Tensor]] = []
+        for step, p in reversed(list(zip(ctx.steps, _split(flat_params, ctx.sizes)))):
+            x = reconstruct_input(step, y, p, ctx.config, ctx.log)
+            with torch.enable_grad():
+                x_leaf = x.detach().requires_grad_()
+                y_leaf = y.detach().requires_grad_()
+                p_leaf = [t.detach().requires_grad_() for t in p]
+                out = step.forward_map(x_leaf, *p_leaf)[0](y_leaf)
+                v = _adjoint(out, y_leaf, grad, step.name, ctx.config, ctx.log)
+                grad, *grads = torch.autograd.grad(out, [x_leaf] + p_leaf, v, allow_unused=True)
+            param_grads.insert(0, grads)
+            y = x
+        return (None, None, None, None, grad) + tuple(g for grads in param_grads for g in grads)
+
+
+def _split(flat: Sequence[torch.Tensor], sizes: Sequence[int]) -> List[Sequence[torch.Tensor]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(tuple(flat[start:start + size]))
+        start += size
+    return out
+
+
+def reversible_implicit_chain(steps: Sequence[ImplicitMap], x: torch.Tensor,
+                              params: Sequence[Sequence[torch.Tensor]], config: SolverConfig,
+                              log: SolverStatsLog) -> torch.Tensor:
+    """Apply ``steps`` in order (``params[k]`` belongs to ``steps[k]``) storing only the final output.
+
+    Backward walks the chain in reverse: reconstructs each step's input from its output
+    (:func:`reconstruct_input`), recomputes that one step with a graph, and applies the same implicit-function-
+    theorem gradient as :func:`implicit_step`. Exact up to the solver tolerances; meant for steps whose inverse is
+    well conditioned (the trapezoidal rule is symmetric: its inverse is the same rule with ``−h``).
+    """
+    if len(steps) != len(params):
+        raise ValueError(f'got {len(steps)} steps but {len(params)} parameter groups')
+    sizes = [len(p) for p in params]
+    flat = [t for p in params for t in p]
+    return _ReversibleChain.apply(tuple(steps), config, log, sizes, x, *flat)

@@ -1,0 +1,264 @@
+"""Implicit θ-ResNets: IFT gradients against gradcheck and an unrolled solve, the explicit limit θ = 0, residuals,
+non-convergence reporting, the reversible (memory-efficient) trapezoidal chain, input gradients, determinism."""
+import warnings
+import weakref
+
+import pytest
+import timm
+import torch
+from torch.func import functional_call
+
+from odenet_timm.layers.fixed_point import (
+    FixedPointConvergenceWarning, SolverConfig, SolverStatsLog, reconstruct_input,
+)
+from odenet_timm.models._common import init_weights_cifar_
+from odenet_timm.models.implicit import ImplicitBlock, ImplicitResNet
+
+_PARAM_NAMES = ['residual.conv1.weight', 'residual.conv1.bias', 'residual.conv2.weight', 'residual.conv2.bias']
+_TINY = dict(steps=(2, 1, 1), widths=(4, 6, 8))
+
+
+def _block(theta=0.5, scheme='linear', h=1.0, channels=2, tol=1e-12, dtype=torch.float64):
+    config = SolverConfig(tol=tol, max_iter=200, backward_tol=tol, backward_max_iter=200)
+    block = ImplicitBlock(channels, theta, h, scheme, probe_size=5, lipschitz=1.0, config=config,
+                          solver_log=SolverStatsLog(), name='block').to(dtype)
+    init_weights_cifar_(block)
+    for conv in (block.residual.conv1, block.residual.conv2):
+        torch.nn.init.uniform_(conv.bias, -0.5, 0.5)
+        conv.power_iterate_(200)
+    return block.eval()  # eval: the spectral-norm probe stays fixed, so the block is a fixed function
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _tiny_model(name='implicit_trapezoid_resnet', dtype=torch.float64, **kwargs):
+    if dtype == torch.float64:
+        kwargs = dict(dict(solver_tol=1e-12, backward_tol=1e-12, solver_max_iter=200, backward_max_iter=200), **kwargs)
+    return timm.create_model(name, **dict(_TINY, **kwargs)).to(dtype)
+
+
+# -- gradients --------------------------------------------------------------------------------------------------
+# full Jacobians for the paper's trapezoidal block; random projections vᵀJu (fast_mode) for the other variants
+@pytest.mark.parametrize('theta, scheme, h, fast_mode', [
+    (0.5, 'linear', 1.0, False), (1.0, 'linear', 0.5, True), (0.5, 'one_leg', 1.0, True),
+])
+def test_gradcheck_input_and_parameters(theta, scheme, h, fast_mode):
+    block = _block(theta, scheme, h=h)
+    params = [block.get_parameter(n).detach().clone().requires_grad_() for n in _PARAM_NAMES]
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *p):
+        return functional_call(block, dict(zip(_PARAM_NAMES, p)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-6, rtol=1e-5, fast_mode=fast_mode)
+
+
+@pytest.mark.parametrize('theta, scheme, h', [(0.5, 'linear', 1.5), (1.0, 'linear', 0.9), (0.5, 'one_leg', 1.5)])
+def test_ift_gradients_equal_the_unrolled_converged_solve(theta, scheme, h):
+    block = _block(theta, scheme, h=h, channels=3)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    inputs = [x] + list(block.parameters())
+
+    ift = torch.autograd.grad((block(x) * weight).sum(), inputs)
+
+    params = block.residual.normalized_params()
+    g, y = block.forward_map(x, *params)
+    y_naive = g(block(x).detach())  # one application with the solution held constant: no IFT correction
+    naive = torch.autograd.grad((y_naive * weight).sum(), inputs, retain_graph=True)
+    for _ in range(150):  # contraction ≤ hθ·Lip(F) ≤ 0.9: converged far below float64 precision
+        y = g(y)
+    unrolled = torch.autograd.grad((y * weight).sum(), inputs)
+
+    for a, b, c in zip(ift, unrolled, naive):
+        assert _rel(a, b) < 1e-6
+    assert _rel(naive[0], unrolled[0]) > 1e-2  # the comparison is sensitive to the implicit correction
+
+
+def test_theta_zero_is_exactly_the_explicit_resnet_step():
+    block = _block(theta=0.0, h=0.7, dtype=torch.float32)
+    x = torch.randn(2, 2, 6, 6)
+    assert torch.equal(block(x), x + 0.7 * block.residual(x))  # eval: the same normalised kernels both times
+    assert block.solver_log.summary() == {}  # no solver ran
+
+    model = timm.create_model('implicit_trapezoid_resnet', theta=0, **_TINY).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.solver_stats() == {}
+
+
+# -- the forward solve ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('name, kwargs', [
+    ('implicit_trapezoid_resnet', {}), ('implicit_euler_resnet', {}),
+    ('implicit_trapezoid_resnet', dict(scheme='one_leg', solver='fixed_point')),
+])
+def test_forward_residual_at_the_returned_solution_is_below_tolerance(name, kwargs):
+    model = timm.create_model(name, **kwargs).eval()
+    captured = []
+    for block in model.modules():
+        if isinstance(block, ImplicitBlock):
+            block.register_forward_hook(lambda m, args, out: captured.append((m, args[0], out)))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        assert len(captured) == 9
+        for block, x, y in captured:
+            gy = block.forward_map(x, *block.residual.normalized_params())[0](y)
+            residual = ((gy - y).flatten(1).norm(dim=1) / gy.flatten(1).norm(dim=1)).max()
+            assert residual <= model.solver_config.tol
+    stats = model.solver_stats()
+    assert stats['forward_converged'] and stats['forward_residual_max'] <= 1e-4 and stats['forward_solves'] == 9
+    assert stats['forward_iterations_max'] <= 15
+
+
+def test_non_contractive_configuration_warns_once_and_reports_non_convergence():
+    def non_contractive():  # h·θ·Lip(F) up to 60: the fixed-point map expands
+        return timm.create_model('implicit_euler_resnet', h=15.0, lipschitz=4.0, solver='fixed_point',
+                                 solver_max_iter=6, backward_max_iter=6, **_TINY).train()
+
+    model = non_contractive()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        out = model(x)
+        out.sum().backward()
+        model(x)
+    relevant = [w for w in caught if issubclass(w.category, FixedPointConvergenceWarning)]
+    assert len(relevant) == 1 and 'did not converge' in str(relevant[0].message)
+    stats = model.solver_stats()
+    assert not stats['converged'] and not stats['forward_converged'] and stats['forward_iterations_max'] == 6
+    assert stats['forward_residual_max'] > 1e-4
+    assert torch.isfinite(out).all()  # the best iterate, flagged, rather than whatever the last iterate was
+    with pytest.warns(FixedPointConvergenceWarning):  # once per model: another model warns again
+        non_contractive()(x)
+
+
+# -- reversible trapezoidal training ----------------------------------------------------------------------------
+@pytest.mark.parametrize('scheme', ['linear', 'one_leg'])
+@pytest.mark.parametrize('dtype, tol, bound', [(torch.float64, 1e-12, 1e-10), (torch.float32, 1e-4, 1e-4)])
+def test_reversed_trapezoidal_step_reconstructs_the_input(scheme, dtype, tol, bound):
+    block = _block(0.5, scheme, h=1.5, channels=3, tol=tol, dtype=dtype)
+    x = torch.randn(2, 3, 6, 6, dtype=dtype)
+    params = block.residual.normalized_params()
+    with torch.no_grad():
+        y = block(x)
+        x_rec = reconstruct_input(block, y, params, block.config, block.solver_log)
+    assert _rel(x_rec, x) < bound
+    stats = block.solver_log.summary()
+    assert stats['reconstruct_converged'] and stats['reconstruct_residual_max'] <= tol
+
+
+def _grads(model, x, weight):
+    x = x.clone().requires_grad_()
+    loss = (model(x) * weight).sum()
+    return torch.autograd.grad(loss, [x] + list(model.parameters()))
+
+
+# float32 at tolerance 1e-4: reconstructed inputs differ by ~1e-5, enough to flip a few ReLUs whose gradient
+# contributions then differ; float64 at 1e-12 is the exact comparison.
+@pytest.mark.parametrize('dtype, bound', [(torch.float64, 1e-8), (torch.float32, 1e-3)])
+def test_memory_efficient_gradients_match_the_plain_ones(dtype, bound):
+    plain = _tiny_model(dtype=dtype, scheme='linear').eval()
+    efficient = _tiny_model(dtype=dtype, scheme='linear', memory_efficient=True).eval()
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 32, 32, dtype=dtype)
+    weight = torch.randn(3, 10, dtype=dtype)
+    for a, b in zip(_grads(efficient, x, weight), _grads(plain, x, weight)):
+        assert _rel(a, b) < bound
+    stats = efficient.solver_stats()
+    assert stats['reconstruct_solves'] == 4 and stats['reconstruct_converged'] and stats['converged']
+
+
+def _retained_saved_bytes(model):
+    """Bytes of the distinct storages autograd still holds for backward after a training forward."""
+    refs = []
+
+    def pack(t):
+        refs.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(torch.randn(8, 3, 32, 32))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in refs) if t is not None}
+    del out
+    return sum(storages.values())
+
+
+def test_memory_efficient_training_stores_less():
+    plain = _retained_saved_bytes(timm.create_model('implicit_trapezoid_resnet').train())
+    efficient = _retained_saved_bytes(timm.create_model('implicit_trapezoid_resnet', memory_efficient=True).train())
+    explicit = _retained_saved_bytes(timm.create_model('implicit_trapezoid_resnet', theta=0).train())
+    assert efficient < 0.25 * plain and efficient < 0.6 * explicit  # one tensor per stage instead of per block
+    with pytest.raises(ValueError, match='memory_efficient=True needs theta=0.5'):
+        timm.create_model('implicit_euler_resnet', memory_efficient=True)
+
+
+# -- what attacks and evaluation rely on ------------------------------------------------------------------------
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_input_gradient_matches_finite_differences(memory_efficient):
+    model = _tiny_model(memory_efficient=memory_efficient).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 7])
+    loss_fn = lambda inp: torch.nn.functional.cross_entropy(model(inp), target)  # noqa: E731
+    (grad,) = torch.autograd.grad(loss_fn(x), x)
+    direction = torch.randn_like(x)
+    eps = 1e-6  # small enough that the difference crosses (almost) no ReLU kink; the solves are exact to 1e-12
+    with torch.no_grad():
+        numeric = (loss_fn(x + eps * direction) - loss_fn(x - eps * direction)) / (2 * eps)
+    assert abs(float((grad * direction).sum()) - float(numeric)) < 1e-6 * abs(float(numeric)) + 1e-9
+
+
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_second_derivatives_are_refused_not_wrong(memory_efficient):
+    model = timm.create_model('implicit_trapezoid_resnet', memory_efficient=memory_efficient, **_TINY).eval()
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable'):
+        grad.sum().backward()
+
+
+def test_evaluation_is_deterministic_with_and_without_grad():
+    model = timm.create_model('implicit_trapezoid_resnet').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    with_grad = model(x.clone().requires_grad_())
+    assert torch.equal(first, second)
+    assert torch.equal(with_grad, first)  # the attack path (graph recorded) computes exactly the same network
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+def test_registered_models_and_their_settings():
+    trapezoid = timm.create_model('implicit_trapezoid_resnet')
+    euler = timm.create_model('implicit_euler_resnet', h=0.5, scheme='one_leg', steps=(2, 2, 2))
+    assert isinstance(trapezoid, ImplicitResNet) and trapezoid.theta == 0.5 and euler.theta == 1.0
+    assert trapezoid.pretrained_cfg['paper_ids'] == 'arXiv:1905.10479'
+    assert sum(isinstance(m, ImplicitBlock) for m in trapezoid.modules()) == 9
+    assert sum(isinstance(m, ImplicitBlock) for m in euler.modules()) == 6
+    assert euler.h == 0.5 and euler.scheme == 'one_leg'
+    assert trapezoid.solver_config == SolverConfig('anderson', 1e-4, 30, 1e-4, 30)
+    assert timm.create_model('implicit_trapezoid_resnet', theta=0.25).theta == 0.25
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(theta=1.5), 'theta must be a number in'),
+    (dict(h=0), 'h must be a positive step size'),
+    (dict(scheme='midpoint'), 'scheme must be one of'),
+    (dict(solver='newton'), 'solver must be one of'),
+    (dict(solver_tol=0), 'tol must be a relative residual'),
+    (dict(backward_max_iter=0), 'backward_max_iter must be a positive integer'),
+    (dict(steps=(3, 3)), 'one entry per stage'),
+    (dict(steps=(3, 0, 3)), 'positive integers'),
+    (dict(lipschitz=0), 'lipschitz must be positive'),
+])
+def test_bad_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('implicit_trapezoid_resnet', **kwargs)
+
+
+def test_grad_checkpointing_is_refused_honestly():
+    model = timm.create_model('implicit_trapezoid_resnet', **_TINY)
+    model.set_grad_checkpointing(False)
+    with pytest.raises(NotImplementedError, match='does not support gradient checkpointing'):
+        model.set_grad_checkpointing(True)
+    assert not model.grad_checkpointing
