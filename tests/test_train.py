@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from odenet_timm.models.inresnet import CifarResNet
 from odenet_timm.train import main
 from odenet_timm.train.config import ConfigError, parse_args
+from odenet_timm.train.engine import check_args, create_model
 from odenet_timm.train.run_dir import CheckpointError, check_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = {
     'resnet': ('cifar_resnet_20', 'layers=[1,1,1]', 80.0),
     'inresnet': ('inresnet_20', 'layers=[2,2,2]', 80.0),
+    'hamiltonian': ('hamiltonian_74', 'layers=[2,2,2]', 80.0),
+    'implicit': ('implicit_trapezoid_resnet', 'steps=[1,1,1]', 75.0),
 }
 EPOCHS = 4
 # Every source of randomness that a resume has to reproduce: augmentation with flips, Mixup (NumPy), a data-loader
@@ -112,6 +115,15 @@ def test_family_reaches_accuracy_and_writes_its_outputs(family, family_runs):
         assert 'eval_top1_ema' in history[-1] and summary['export_ema'] == 'export_ema'
     else:
         assert 'interpolation_coefficients' not in history[-1]
+    if family == 'implicit':  # the solves of the last evaluation batch, every one converged
+        stats = history[-1]['solver_stats']
+        assert stats['converged'] and 0 < stats['forward_iterations_mean'] <= 15
+    else:
+        assert 'solver_stats' not in history[-1]
+    if family == 'hamiltonian':  # the weight smoothness decay the recipe trains with
+        assert all(r['smoothness_loss'] > 0 for r in history)
+    else:
+        assert 'smoothness_loss' not in history[-1]
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
@@ -119,7 +131,8 @@ def test_export_reloads_through_timm_with_identical_outputs(family, family_runs)
     output = family_runs[family]
     exported = timm.create_model(f'local-dir:{output}/export', pretrained=True).eval()
     config = json.loads((output / 'export/config.json').read_text())
-    assert config['model_args']['layers'] == json.loads(FAMILIES[family][1].split('=')[1])
+    kwarg, value = FAMILIES[family][1].split('=')
+    assert config['model_args'][kwarg] == json.loads(value)
     assert config['label_names'] == [str(d) for d in range(10)]
     # the last checkpoint holds the final weights under the bare model's keys
     rebuilt = timm.create_model(FAMILIES[family][0], **config['model_args']).eval()
@@ -197,12 +210,14 @@ def test_accelerate_launch_as_in_the_readme(tmp_path):
     timm.create_model(f'local-dir:{output}/export', pretrained=True)
 
 
-def test_every_config_parses_and_its_model_builds_when_registered():
+def test_every_config_parses_and_its_model_builds():
     for path in sorted((REPO / 'configs').glob('*.yaml')):
         args = parse_args(['--config', str(path), '--output', 'unused'])
         assert args.epochs >= 1 and args.opt == 'momentum', path.name
-        if timm.is_model(args.model):  # the Hamiltonian and implicit models live on other branches for now
-            timm.create_model(args.model, num_classes=10, **args.model_kwargs)
+        check_args(args)
+        model = create_model(args, num_classes=10)
+        momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+        assert momenta == ({0.1} if args.bn_momentum is None else {args.bn_momentum}), path.name
     paper = parse_args(['--config', str(REPO / 'configs/inresnet_110_cifar10.yaml'), '--output', 'unused'])
     assert (paper.lr, paper.weight_decay, paper.wd_filter, paper.decay_milestones, paper.epochs,
             paper.batch_size) == (0.1, 1e-4, 'none', [80, 120], 160, 128)
@@ -348,6 +363,8 @@ def test_batch_that_cannot_be_split_and_cli_errors(tmp_path):
         from odenet_timm.train import train
         train(parse_args([str(a) for a in quick_args(tmp_path)] + ['--batch-size', '10', '--grad-accum', '3']))
     assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r'--bn-momentum must be in \(0, 1\], got 0.0'):
+        check_args(parse_args([str(a) for a in quick_args(tmp_path)] + ['--bn-momentum', '0']))
     assert run(*quick_args(tmp_path / 'o'), '--amp', 'fp16') == 2  # Accelerate would silently ignore it on CPU
     # plain `python train.py`: one line on stderr, exit status 2
     done = subprocess.run([sys.executable, 'train.py', '--model', 'resnet_cifar_20', '--output', str(tmp_path / 'o')],

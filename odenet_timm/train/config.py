@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "parameters (this includes In-ResNet's λ); 'none': weight decay on every parameter "
                             "(the In-ResNet authors' recipe)")
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip the gradient norm')
+    group.add_argument('--bn-momentum', type=float, default=None, metavar='M',
+                       help="momentum of every BatchNorm's running statistics (timm's flag; default: the layers' "
+                            "own, 0.1). Short, high-lr runs of models with few norm layers need a larger one for "
+                            "their evaluation-mode statistics to keep up with the weights")
     group.add_argument('--amp', choices=('no', 'fp16', 'bf16'), default=None,
                        help="mixed precision (default: Accelerate's, e.g. `accelerate launch --mixed_precision`, "
                             "else no)")

@@ -95,6 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError('--workers and --keep-checkpoints cannot be negative')
     if args.batch_size % args.grad_accum:
         raise ConfigError(f'--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}')
+    if args.bn_momentum is not None and not 0 < args.bn_momentum <= 1:
+        raise ConfigError(f'--bn-momentum must be in (0, 1], got {args.bn_momentum}')
 
 
 def micro_batch_size(args: argparse.Namespace, num_processes: int) -> int:
@@ -110,11 +112,17 @@ def micro_batch_size(args: argparse.Namespace, num_processes: int) -> int:
 
 
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """``timm.create_model(args.model, num_classes=..., **args.model_kwargs)``, with kwargs errors explained."""
+    """``timm.create_model(args.model, num_classes=..., **args.model_kwargs)``, with kwargs errors explained, and
+    ``--bn-momentum`` applied to every BatchNorm layer."""
     try:
-        return timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
+        model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'{args.model} cannot be built with --model-kwargs {args.model_kwargs}: {e}') from e
+    if args.bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = args.bn_momentum
+    return model
 
 
 def _to_json(value: Any) -> Any:
