@@ -128,6 +128,14 @@ def test_non_contractive_configuration_warns_once_and_reports_non_convergence():
     stats = model.solver_stats()
     assert not stats['converged'] and not stats['forward_converged'] and stats['forward_iterations_max'] == 6
     assert stats['forward_residual_max'] > 1e-4
+    assert stats['backward_solves'] == stats['forward_solves'] > 0
+    model.reset_solver_stats()  # what an evaluation phase does first: only the solves after it are reported
+    assert model.solver_stats() == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # and the warning stays once per model
+        model(x)
+    assert 'backward_solves' not in model.solver_stats()
+    assert model.solver_stats()['forward_solves'] == stats['forward_solves']
     assert torch.isfinite(out).all()  # the best iterate, flagged, rather than whatever the last iterate was
     with pytest.warns(FixedPointConvergenceWarning):  # once per model: another model warns again
         non_contractive()(x)

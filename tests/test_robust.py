@@ -303,21 +303,29 @@ def test_flags_are_unchecked_without_the_attacks_they_compare(linear_model, digi
 
 
 class _CountingSolver(NormalizedModel):
-    """A model 'with a solver': solver_stats() reports how many iterations its last forward took."""
+    """A model 'with a solver': solver_stats() reports how many forwards ran since reset_solver_stats()."""
+    forwards = 0
 
     def forward(self, images):
-        self.last_iterations = 3 + len(images) % 2
+        self.forwards += 1
         return super().forward(images)
 
+    def reset_solver_stats(self):
+        self.forwards = 0
+
     def solver_stats(self):
-        return {'forward_iterations_max': self.last_iterations, 'forward_converged': True}
+        return {'forward_solves': self.forwards, 'forward_converged': True}
 
 
 def test_solver_stats_are_recorded_per_phase(linear_model, digits):
+    """Each phase reports the solves made during it: clean one prediction, FGSM one gradient and one prediction,
+    the ε = 0.5 PGD its steps and one prediction."""
     model = _CountingSolver(linear_model.model, CIFAR10_MEAN, CIFAR10_STD)
-    record = _flags(_entry('solver', model), digits, AttackProtocol(attacks=('fgsm',), blackbox_queries=0))
+    protocol = AttackProtocol(attacks=('fgsm',), blackbox_queries=0)
+    record = _flags(_entry('solver', model), digits, protocol)
     assert record['solver_stats'] == {
-        phase: {'forward_converged': True, 'forward_iterations_max': 3} for phase in ('clean', 'fgsm', 'large_eps')}
+        phase: {'forward_converged': True, 'forward_solves': forwards}
+        for phase, forwards in (('clean', 1), ('fgsm', 2), ('large_eps', protocol.steps + 1))}
     assert _flags(_entry('plain', linear_model), digits, AttackProtocol(attacks=()))['solver_stats'] is None
 
 

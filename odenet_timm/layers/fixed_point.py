@@ -183,8 +183,12 @@ class SolverStatsLog:
     KINDS = ('forward', 'backward', 'reconstruct')
 
     def __init__(self):
-        self.records: Dict[str, Dict[str, SolverStats]] = {kind: {} for kind in self.KINDS}
+        self.clear()
         self.warned = False
+
+    def clear(self) -> None:
+        """Forget every record (the once-only warning stays given)."""
+        self.records: Dict[str, Dict[str, SolverStats]] = {kind: {} for kind in self.KINDS}
 
     def record(self, kind: str, name: str, stats: SolverStats) -> None:
         self.records[kind][name] = stats

@@ -242,6 +242,11 @@ class ImplicitResNet(CifarStagedNet):
         return self.solver_log.summary()
 
     @torch.jit.ignore
+    def reset_solver_stats(self) -> None:
+        """Forget the recorded solves: the next ``solver_stats()`` describes only the solves made after this call."""
+        self.solver_log.clear()
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Not supported: recomputing a block in backward would re-run its solve and the spectral-norm power
         iteration (changing the kernels being differentiated). Use ``memory_efficient=True`` instead."""

@@ -22,7 +22,7 @@ from .errors import EvaluationInputError
 
 __all__ = [
     'NormalizedModel', 'Ensemble', 'EvalEntry', 'ENSEMBLE_COMBINES', 'load_export_dir', 'load_weights_file',
-    'make_ensemble', 'sha256_file', 'solver_stats_of',
+    'make_ensemble', 'sha256_file', 'solver_stats_of', 'reset_solver_stats_of',
 ]
 
 ENSEMBLE_COMBINES = ('probs', 'logits')
@@ -33,6 +33,15 @@ def solver_stats_of(module: nn.Module) -> Dict[str, Any]:
     ``{}``."""
     stats = getattr(module, 'solver_stats', None)
     return dict(stats()) if callable(stats) else {}
+
+
+def reset_solver_stats_of(module: nn.Module) -> None:
+    """Forget the solves recorded so far by every submodule that has ``reset_solver_stats()`` (through wrappers and
+    ensembles), so that the next ``solver_stats()`` describes only what runs after this call."""
+    for submodule in module.modules():
+        reset = getattr(submodule, 'reset_solver_stats', None)
+        if callable(reset):
+            reset()
 
 
 class NormalizedModel(nn.Module):

@@ -9,7 +9,7 @@ numbers.
 """
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from accelerate import Accelerator
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data import create_dataset, dataset_classes
 from .attacks import AttackProtocol, adversarial_examples, predict
-from .entries import EvalEntry, solver_stats_of
+from .entries import EvalEntry, reset_solver_stats_of, solver_stats_of
 from .errors import EvaluationInputError
 from .noise import NOISE_SEVERITIES, SEVERITIES, CifarCNoise, ComputedNoise
 from .seeding import derive_seed, seeded
@@ -98,8 +98,10 @@ def _evaluate_batch(
     model, device = entry.module, images.device
     correct, solver_stats = {}, {}
 
-    def record(phase: str, is_correct: torch.Tensor) -> None:
-        correct[phase] = is_correct.cpu()
+    def record(phase: str, compute: Callable[[], torch.Tensor]) -> None:
+        """Run one phase; its solver statistics are those of the solves made during it, not earlier ones."""
+        reset_solver_stats_of(model)
+        correct[phase] = compute().cpu()
         stats = solver_stats_of(model)
         if stats:
             solver_stats[phase] = stats
@@ -110,16 +112,16 @@ def _evaluate_batch(
             adversarial = adversarial_examples(attack, model, images, labels, eps, protocol, entry.num_classes, seed)
         return predict(model, adversarial) == labels
 
-    record('clean', predict(model, images) == labels)
+    record('clean', lambda: predict(model, images) == labels)
     if 'noise' in protocol.attacks:
-        record('noise', torch.stack([
+        record('noise', lambda: torch.stack([
             torch.stack([predict(model, noisy[corruption, severity].to(device)) == labels for severity in SEVERITIES])
             for corruption in NOISE_SEVERITIES
         ]))
     for attack in protocol.white_box + (('blackbox',) if protocol.runs_blackbox else ()):
-        record(attack, torch.stack([attacked(attack, eps, i) for i, eps in enumerate(protocol.eps)]))
+        record(attack, lambda: torch.stack([attacked(attack, eps, i) for i, eps in enumerate(protocol.eps)]))
     if protocol.runs_large_eps:
-        record('large_eps', attacked('large_eps', protocol.large_eps, 0))
+        record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0))
     return correct, solver_stats
 
 

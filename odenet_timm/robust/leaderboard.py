@@ -169,6 +169,17 @@ def _cell(value: Optional[float]) -> str:
     return '–' if value is None else f'{value:.2f}'
 
 
+def _stat_cell(value) -> str:
+    """A solver statistic: flags as yes/no, counts as they are, means to 2 decimals, residuals in 3 digits."""
+    if value is None:
+        return '–'
+    if isinstance(value, bool):
+        return 'yes' if value else 'NO'
+    if isinstance(value, float) and not value.is_integer():
+        return f'{value:.3g}' if abs(value) < 0.01 else f'{value:.2f}'
+    return str(int(value)) if isinstance(value, float) else str(value)
+
+
 def _flags_cell(record: Dict) -> str:
     fired = [name for name, value in record['flags'].items() if value]
     if fired:
@@ -219,9 +230,15 @@ def write_markdown(leaderboard: Dict, path: str) -> None:
         lines += ['', 'Evidence:', ''] + [f'- {name} — {detail}' for name, detail in fired]
     solver = [e for e in entries if e['solver_stats']]
     if solver:
-        lines += ['', '## Solver statistics', '']
-        lines += [f"- {e['name']}: " + '; '.join(f'{phase}: {json.dumps(stats)}' for phase, stats in
-                                                 e['solver_stats'].items()) for e in solver]
+        lines += ['', '## Solver statistics', '', "What each model's solver reported, per evaluation phase (the "
+                  'statistics of its batches combined).']
+        for e in solver:
+            phases = list(e['solver_stats'])
+            keys = sorted({key for stats in e['solver_stats'].values() for key in stats})
+            lines += ['', f"**{e['name']}**", '']
+            lines += _table(['statistic', *phases],
+                            [[key, *(_stat_cell(e['solver_stats'][phase].get(key)) for phase in phases)]
+                             for key in keys], ['l', *('r' * len(phases))])
     lines += ['', '## Protocol', '']
     lines += [f'- {name}: {text}' for name, text in protocol['libraries'].items()]
     with open(path, 'w') as f:
