@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from odenet_timm.layers.reversible import ReversibleSequenceFunction, invert_sequence
 from odenet_timm.models.hamiltonian import HamiltonianUnit, LeapfrogUnit, MidPointUnit, SymmetricLayer
@@ -227,6 +228,24 @@ def test_batchnorm_statistics_after_one_train_step_are_identical():
             assert rev_state[key].item() == 1
     for key in plain_state:
         torch.testing.assert_close(rev_state[key], plain_state[key], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('model_name', ['hamiltonian_1202', 'midpoint_62'])
+def test_memory_efficient_backward_under_module_tracking_flop_counter(model_name):
+    """FlopCounterMode tracks every module's input gradients; the reversible backward's recomputations run
+    inside it. The gradients stay those of plain autograd, and the counted FLOPs show the price: one more forward
+    of the units, no more (a convolution's backward costs about two forwards)."""
+    rev, plain = _pair(model_name, **SMALL)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    flops, grads = [], []
+    for model in (plain, rev):
+        with FlopCounterMode(display=False) as counter:
+            model.train()(x).sum().backward()
+        flops.append(counter.get_total_flops())
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(grads[1], grads[0]):
+        assert (a - b).norm() <= 1e-8 * b.norm()
+    assert 1.2 * flops[0] < flops[1] < 1.34 * flops[0]
 
 
 @pytest.mark.parametrize('model_name', ['hamiltonian_218', 'leapfrog_62'])

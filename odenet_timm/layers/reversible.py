@@ -248,6 +248,13 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         return (None, None, None, *input_grads, *param_grads)
 
 
+def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
+    """An alias of ``leaf`` that is not a leaf, to feed a recomputation differentiated w.r.t. ``leaf``. Module
+    hooks that track gradients of module inputs (``torch.utils.flop_counter.FlopCounterMode``, PyTorch's module
+    and memory trackers) fail on a leaf input inside the nested ``autograd.grad`` of a backward."""
+    return leaf.view_as(leaf)
+
+
 def _coupling_backward(step: AdditiveCoupling, state, grads, params):
     """Reconstruct the coupling's input from its output and push the gradients through it, updating the
     (backward-owned) ``state`` and ``grads`` lists in place."""
@@ -257,7 +264,7 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params):
     # Buffers are restored only after autograd.grad: BatchNorm saves its running statistics for backward.
     with _buffers_restored(step):
         with torch.enable_grad():
-            fx = step.fn(x_source)
+            fx = step.fn(_non_leaf(x_source))
         found = torch.autograd.grad(
             fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True)
     step.uncombine(state[t], state[s], fx.detach())
@@ -277,7 +284,7 @@ def _recompute_backward(step: Step, step_inputs, grads, params):
     wrt = [x for x in inputs if x.requires_grad]
     with _buffers_restored(step):
         with torch.enable_grad():
-            outputs = step(tuple(inputs))
+            outputs = step(tuple(_non_leaf(x) if x.requires_grad else x for x in inputs))
         pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
         found = torch.autograd.grad(
             [o for o, _ in pairs], [*wrt, *params], grad_outputs=[g.to(o.dtype) for o, g in pairs],
