@@ -30,7 +30,8 @@ def plot_robustness_curves(leaderboard: Dict, path: str) -> None:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"accuracy (%) on {leaderboard['n_examples']} {leaderboard['dataset']} examples")
-    axes[0][-1].legend(fontsize='small', loc='upper right')
+    # beside the last panel, not on it: the curves of robust models run along its top right
+    axes[0][-1].legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
