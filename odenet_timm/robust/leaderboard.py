@@ -175,9 +175,11 @@ def _stat_cell(value) -> str:
         return '–'
     if isinstance(value, bool):
         return 'yes' if value else 'NO'
-    if isinstance(value, float) and not value.is_integer():
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
         return f'{value:.3g}' if abs(value) < 0.01 else f'{value:.2f}'
-    return str(int(value)) if isinstance(value, float) else str(value)
+    return str(value)
 
 
 def _flags_cell(record: Dict) -> str:
