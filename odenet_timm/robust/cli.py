@@ -9,10 +9,9 @@ import sys
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from timm.utils import ParseKwargs
-
 from ..data import DatasetNotFoundError
 from .. import CheckpointMismatchError
+from ..options import ParseYamlKwargs
 from .attacks import ATTACKS, AUTOATTACK_VERSIONS, DEFAULT_ATTACKS, AttackProtocol, parse_eps
 from .entries import ENSEMBLE_COMBINES, EvalEntry, load_export_dir, load_weights_file, make_ensemble
 from .errors import EvaluationInputError
@@ -47,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a registered architecture, paired in order with --weights')
     models.add_argument('--weights', action='append', default=[], metavar='[NAME=]FILE',
                         help='weights (.safetensors) for the --model given at the same position')
-    models.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='architecture arguments for every --model, e.g. layers=[1,1,1]')
+    models.add_argument('--model-kwargs', nargs='+', default={}, action=ParseYamlKwargs, metavar='KEY=VALUE',
+                        help='architecture arguments for every --model, values parsed as YAML like train.py\'s '
+                             '(layers=[1,1,1], memory_efficient=false)')
     models.add_argument('--ensemble', action='append', default=[], metavar='NAME=DIR,DIR,...',
                         help='an ensemble of export directories, attacked as one model (repeatable)')
     models.add_argument('--ensemble-combine', choices=ENSEMBLE_COMBINES, default='probs',
