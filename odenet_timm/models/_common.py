@@ -18,7 +18,7 @@ from timm.models import checkpoint_seq
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CheckpointMismatchError', 'cifar_cfg', 'init_weights_cifar_', 'ConvStem',
-    'CifarStagedNet', 'check_kwarg_types', 'INPUT_DTYPES',
+    'CifarStagedNet', 'KwargTypeError', 'check_kwarg_types', 'INPUT_DTYPES',
 ]
 
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,15 +86,20 @@ _KWARG_KINDS: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
 }
 
 
+class KwargTypeError(TypeError, ValueError):
+    """A model kwarg that is not of the kind its model takes (a ``TypeError``, and a ``ValueError`` for callers
+    that catch bad arguments as such)."""
+
+
 def check_kwarg_types(owner: str, **kwargs: Tuple[Any, str]) -> None:
-    """Raise a ``TypeError`` naming the kwarg, its value and the expected type for the first ``name=(value, kind)``
+    """Raise a :class:`KwargTypeError` naming the kwarg, its value and the expected type for the first ``name=(value, kind)``
     whose value is not of ``kind`` (``'bool'``, ``'int'``, ``'number'``, ``'str'``, ``'stage_ints'``,
     ``'range'``). Command lines hand over YAML-typed values; this stops a string such as ``'false'`` (truthy) or a
     float layer count from silently building another model than the one asked for."""
     for name, (value, kind) in kwargs.items():
         expected, is_valid = _KWARG_KINDS[kind]
         if not is_valid(value):
-            raise TypeError(f'{owner}: {name} must be {expected}, got {value!r} ({type(value).__name__})')
+            raise KwargTypeError(f'{owner}: {name} must be {expected}, got {value!r} ({type(value).__name__})')
 
 
 class CheckpointMismatchError(RuntimeError):
