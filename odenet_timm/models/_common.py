@@ -20,13 +20,14 @@ __all__ = [
     'CifarStagedNet',
 ]
 
-# The In-ResNet authors' normalisation constants (DESIGN.md §3.1), used by every family here.
+# The In-ResNet authors' normalisation constants (docs/models.md#the-shared-cifar-skeleton), used by every family.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
-def cifar_cfg(paper_ids: str, **kwargs) -> Dict[str, Any]:
-    """Pretrained cfg of a CIFAR-10 model: 32×32 input, no resize crop, CIFAR mean/std, 8×8 final map."""
+def cifar_cfg(paper_ids: str, paper_name: str, **kwargs) -> Dict[str, Any]:
+    """Pretrained cfg of a CIFAR-10 model: 32×32 input, no resize crop, CIFAR mean/std, 8×8 final map; the paper by
+    arXiv id and title (the model cards cite it from here)."""
     return {
         'url': '',
         'num_classes': 10,
@@ -40,6 +41,7 @@ def cifar_cfg(paper_ids: str, **kwargs) -> Dict[str, Any]:
         'classifier': 'fc',
         'license': 'apache-2.0',
         'paper_ids': paper_ids,
+        'paper_name': paper_name,
         **kwargs,
     }
 
