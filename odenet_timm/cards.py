@@ -19,6 +19,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 __all__ = ['architecture_card', 'write_architecture_cards', 'checkpoint_card']
 
 _TAGS = ['image-classification', 'timm', 'odenet_timm']
+# Plain text, not links: a card is also published on the Hub, where paths of this repository do not resolve.
+_DOCUMENTATION = ('The update equations, layouts, parameter counts, initialisation and numerics of every family, and the '
+                  'training recipes, are written out in `docs/models.md` of the odenet_timm repository; the robustness '
+                  'protocol (noise constants, attack settings, trust flags, leaderboard fields) in `docs/protocol.md`.')
 _USAGE_IMPORTS = 'import odenet_timm  # registers the models with timm (timm has no plugin entry points)\nimport timm\n'
 
 
@@ -26,11 +30,14 @@ def _card(data: ModelCardData, body: str) -> ModelCard:
     return ModelCard(f'---\n{data.to_yaml()}\n---\n\n{body.rstrip()}\n')
 
 
-def _paper_lines(paper_ids: str) -> List[str]:
+def _paper_lines(paper_ids: str, paper_name: Optional[str]) -> List[str]:
+    """The paper of the pretrained cfg by title and id, with an absolute link (cards are read on the Hub, where
+    links relative to this repository do not resolve)."""
     lines = []
     for paper in filter(None, (p.strip() for p in (paper_ids or '').split(','))):
         link = f'https://arxiv.org/abs/{paper[len("arXiv:"):]}' if paper.lower().startswith('arxiv:') else None
-        lines.append(f'- {paper}' + (f' — {link}' if link else ''))
+        title = f'"{paper_name}", ' if paper_name else ''
+        lines.append(f'- {title}{paper}' + (f' — {link}' if link else ''))
     return lines or ['- (none recorded in the pretrained cfg)']
 
 
@@ -66,7 +73,9 @@ def architecture_card(model_name: str) -> ModelCard:
         f'timm model; the robustness evaluation wraps the model so that attacks work on [0, 1] pixels)',
         f'- classifier: `{cfg.get("classifier")}`, first conv: `{cfg.get("first_conv")}`', '',
         '## Paper', '',
-        *_paper_lines(cfg.get('paper_ids')), '',
+        *_paper_lines(cfg.get('paper_ids'), cfg.get('paper_name')), '',
+        '## Documentation', '',
+        _DOCUMENTATION, '',
         '## Usage', '',
         '```python',
         _USAGE_IMPORTS,

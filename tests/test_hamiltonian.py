@@ -17,7 +17,7 @@ def _num_params(model):
 
 
 def _expected_params(layers, widths, block='hamiltonian', norm='bias', num_classes=10):
-    """DESIGN.md §3.2 arithmetic: a layer is K (9·c²) + b₁, b₂ (c each; 2c each for 'bn': BN affine); the
+    """The arithmetic of docs/models.md#hamiltonian-midpoint-and-leapfrog-networks: a layer is K (9·c²) + b₁, b₂ (c each; 2c each for 'bn': BN affine); the
     network's first unit drops f's b₁ / BN₁; the first unit of stages 2, 3 runs at the old width; stem
     3·w₀·9 + BN(w₀); head BN(C) + Linear(C → classes). Hamiltonian layers act on half the width."""
     per_norm = 2 if norm == 'bn' else 1

@@ -24,13 +24,14 @@ __all__ = [
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Input dtypes a model takes under autocast; without autocast the input must have the parameters' dtype."""
 
-# The In-ResNet authors' normalisation constants (DESIGN.md §3.1), used by every family here.
+# The In-ResNet authors' normalisation constants (docs/models.md#the-shared-cifar-skeleton), used by every family.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
-def cifar_cfg(paper_ids: str, **kwargs) -> Dict[str, Any]:
-    """Pretrained cfg of a CIFAR-10 model: 32×32 input, no resize crop, CIFAR mean/std, 8×8 final map."""
+def cifar_cfg(paper_ids: str, paper_name: str, **kwargs) -> Dict[str, Any]:
+    """Pretrained cfg of a CIFAR-10 model: 32×32 input, no resize crop, CIFAR mean/std, 8×8 final map; the paper by
+    arXiv id and title (the model cards cite it from here)."""
     return {
         'url': '',
         'num_classes': 10,
@@ -44,6 +45,7 @@ def cifar_cfg(paper_ids: str, **kwargs) -> Dict[str, Any]:
         'classifier': 'fc',
         'license': 'apache-2.0',
         'paper_ids': paper_ids,
+        'paper_name': paper_name,
         **kwargs,
     }
 

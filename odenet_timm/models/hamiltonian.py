@@ -14,13 +14,13 @@ a stage's activations can be reconstructed from its output instead of being stor
 
 with ``F(Y) = Kᵀ σ(K Y + b)`` over the full width, σ = ReLU, K a 3×3 convolution (no conv bias) and Kᵀ its
 TRUE adjoint sharing K's weight (``conv_transpose2d``). MidPoint and Leapfrog start every stage from
-``Y_{−1} = Y_0`` (DESIGN.md §3.2, the authors' code).
+``Y_{−1} = Y_0``, as the authors' code does.
 
 Normalisation inside a layer (``block_norm``): ``'bias'`` ``Kᵀσ(K(x + b₁) + b₂)``; ``'bn'``
 ``Kᵀσ(BN₂(K·BN₁(x)))`` (no ReLU after BN₁). The network's very first unit drops b₁ / BN₁ in f (the stem
 ends in BN-ReLU); MidPoint and Leapfrog layers have no b₁ / BN₁.
 
-Layout (DESIGN.md §3.2, checked against the authors' code; it reproduces the paper's parameter counts):
+Layout (the authors' code; it reproduces the paper's parameter counts exactly):
 stem conv3x3 3→32 (no bias) + BN + ReLU; three stages of units at widths e.g. 32-64-128, where the FIRST
 unit of stages 2 and 3 runs at the old width and resolution, after which each state entry (the halves Y, Z;
 for MidPoint / Leapfrog the pair Y_{j−1}, Y_j) is 2×2 average-pooled and zero-padded symmetrically in
@@ -272,10 +272,11 @@ def _create_hamiltonian(variant: str, pretrained: bool = False, **kwargs) -> Ham
     )
 
 
-_PAPER = 'arXiv:1709.03698'
+_PAPER = dict(paper_ids='arXiv:1709.03698',
+              paper_name='Reversible Architectures for Arbitrarily Deep Residual Neural Networks')
 
 default_cfgs = generate_default_cfgs({
-    name: cifar_cfg(_PAPER) for name in (
+    name: cifar_cfg(**_PAPER) for name in (
         'hamiltonian_74', 'hamiltonian_218', 'hamiltonian_1202',
         'midpoint_26', 'midpoint_62', 'leapfrog_26', 'leapfrog_62',
     )

@@ -1,7 +1,6 @@
 """Implicit θ-ResNets: residual blocks whose output is the fixed point of an implicit ODE step.
 
-Reshniak & Webster, "Robust learning with implicit residual networks", arXiv:1905.10479 (paper in
-``papers/implicit_residual_networks.md``). A block discretises ``dx/dt = F(x)`` with the θ-method
+Reshniak & Webster, "Robust learning with implicit residual networks", arXiv:1905.10479. A block discretises ``dx/dt = F(x)`` with the θ-method
 
 * ``scheme='linear'`` (the paper's eq. 7, default): ``x_{n+1} = x_n + h[(1 − θ) F(x_n) + θ F(x_{n+1})]``
 * ``scheme='one_leg'`` (the authors' later code): ``x_{n+1} = x_n + h F((1 − θ) x_n + θ x_{n+1})``
@@ -267,11 +266,11 @@ def _create_implicit_resnet(variant: str, pretrained: bool = False, **kwargs) ->
     )
 
 
-_IMPLICIT_PAPER = 'arXiv:1905.10479'
+_IMPLICIT_PAPER = dict(paper_ids='arXiv:1905.10479', paper_name='Robust learning with implicit residual networks')
 
 default_cfgs = generate_default_cfgs({
-    'implicit_trapezoid_resnet': cifar_cfg(_IMPLICIT_PAPER),
-    'implicit_euler_resnet': cifar_cfg(_IMPLICIT_PAPER),
+    'implicit_trapezoid_resnet': cifar_cfg(**_IMPLICIT_PAPER),
+    'implicit_euler_resnet': cifar_cfg(**_IMPLICIT_PAPER),
 })
 
 

@@ -2,7 +2,7 @@
 
 In-ResNet adds a damping term to the ODE behind a residual network, ``dx/dt = -λ x + f(x, t)``, and
 discretises it with one explicit step (Yang, Liu, Bao, Shi, "Interpolation between Residual and
-Non-Residual Networks", ICML 2020, arXiv:2006.05749; slides in ``papers/inresnet_slides.md``):
+Non-Residual Networks", ICML 2020, arXiv:2006.05749; the variants are from the authors' slides of the paper):
 
 * In-ResNet:          ``x_{n+1} = f_n(x_n) + (1 - λ_n) x_n``,                 ``λ_n = ReLU(1 - k_n)``
 * λ-In-ResNet:        ``x_{n+1} = (1 + λ_n) f_n(x_n) + (1 - λ_n) x_n``,       ``λ_n = ReLU(k_n)``
@@ -296,17 +296,18 @@ def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> Ci
     )
 
 
-_RESNET_PAPER = 'arXiv:1603.05027'
-_INRESNET_PAPER = 'arXiv:2006.05749'
+_RESNET_PAPER = dict(paper_ids='arXiv:1603.05027', paper_name='Identity Mappings in Deep Residual Networks')
+_INRESNET_PAPER = dict(paper_ids='arXiv:2006.05749',
+                       paper_name='Interpolation between Residual and Non-Residual Networks')
 
 default_cfgs = generate_default_cfgs({
-    **{f'cifar_resnet_{d}': cifar_cfg(_RESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
-    **{f'inresnet_{d}': cifar_cfg(_INRESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
-    'lambda_inresnet_110': cifar_cfg(_INRESNET_PAPER),
-    'lambda_inresnet_164': cifar_cfg(_INRESNET_PAPER),
-    'inresnet_sig_110': cifar_cfg(_INRESNET_PAPER),
-    'inresnet_gating_110': cifar_cfg(_INRESNET_PAPER),
-    'inresnet_gating_sig_110': cifar_cfg(_INRESNET_PAPER),
+    **{f'cifar_resnet_{d}': cifar_cfg(**_RESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
+    **{f'inresnet_{d}': cifar_cfg(**_INRESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
+    'lambda_inresnet_110': cifar_cfg(**_INRESNET_PAPER),
+    'lambda_inresnet_164': cifar_cfg(**_INRESNET_PAPER),
+    'inresnet_sig_110': cifar_cfg(**_INRESNET_PAPER),
+    'inresnet_gating_110': cifar_cfg(**_INRESNET_PAPER),
+    'inresnet_gating_sig_110': cifar_cfg(**_INRESNET_PAPER),
 })
 
 

@@ -1,4 +1,4 @@
-"""Robustness evaluation (DESIGN.md §4): attacks on [0, 1] images through a normalizing wrapper, ensembles attacked
+"""Robustness evaluation (docs/protocol.md): attacks on [0, 1] images through a normalizing wrapper, ensembles attacked
 as one model, trust checks for gradient masking, and the leaderboard (JSON / Markdown / CSV / PNG).
 
 Models are reached only through timm. ``eval_robust.py`` is the command line; :func:`evaluate` and
