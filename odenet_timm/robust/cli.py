@@ -262,7 +262,8 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         _check_appendable(board, entries, settings, args.output)
     accelerator = make_accelerator()
     for entry in entries:
-        check_finite_logits(entry, images, args.batch_size, accelerator.device)
+        if not entry.is_ensemble:  # an ensemble of members with finite logits has finite outputs
+            check_finite_logits(entry, images, args.batch_size, accelerator.device)
     if accelerator.is_main_process:
         print(f'evaluating {len(entries)} entries on {len(labels)} {args.dataset} examples '
               f'({", ".join(protocol.attacks)}) on {accelerator.num_processes} process(es)', file=sys.stderr)
