@@ -39,8 +39,9 @@ _TIME_KEYS = ('train_step_ms', 'train_step_cpu_ms', 'train_img_s', 'eval_img_s')
 
 
 def parse_spec(spec: str):
-    """``'name:a=1,b=false'`` → ``('name', {'a': 1, 'b': False})``."""
-    import yaml
+    """``'name:a=1,b=false'`` → ``('name', {'a': 1, 'b': False})``, each value parsed like every command line's
+    ``--model-kwargs`` (:func:`odenet_timm.options.parse_kwarg`)."""
+    from odenet_timm.options import parse_kwarg
     name, _, arg_text = spec.partition(':')
     items, depth, current = [], 0, ''
     for char in arg_text:  # split on the commas that are not inside [...] or {...}
@@ -54,10 +55,11 @@ def parse_spec(spec: str):
     items.append(current)
     kwargs = {}
     for item in filter(None, items):
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'bad model kwarg {item!r} in {spec!r}: expected key=value')
-        kwargs[key.strip()] = yaml.safe_load(value)
+        try:
+            key, value = parse_kwarg(item)
+        except ValueError as e:
+            raise ValueError(f'bad model kwarg in {spec!r}: {e}') from None
+        kwargs[key] = value
     return name, kwargs
 
 

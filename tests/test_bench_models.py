@@ -13,8 +13,9 @@ _spec.loader.exec_module(bench_models)
 
 def test_parse_spec():
     assert bench_models.parse_spec('inresnet_20') == ('inresnet_20', {})
-    assert bench_models.parse_spec('m:a=false,b=0.5,c=[1,2]') == ('m', {'a': False, 'b': 0.5, 'c': [1, 2]})
-    with pytest.raises(ValueError, match='expected key=value'):
+    assert bench_models.parse_spec('m:a=false,b=0.5,c=[1,2],d=1e-4') == (
+        'm', {'a': False, 'b': 0.5, 'c': [1, 2], 'd': 1e-4})
+    with pytest.raises(ValueError, match="expected KEY=VALUE, got 'a'"):
         bench_models.parse_spec('m:a')
 
 

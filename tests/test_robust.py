@@ -3,8 +3,10 @@ ensembles, the trust-check flags on models built to trip them, determinism, shar
 leaderboard files and their schema, and the command line's errors on bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Dict
 
 import numpy as np
@@ -15,17 +17,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
 
 from odenet_timm.data import create_dataset
 from odenet_timm.models._common import CIFAR10_MEAN, CIFAR10_STD
 from odenet_timm.robust import (
     NOISE_SEVERITIES, SCHEMA_PATH, AttackProtocol, CifarCNoise, ComputedNoise, EvalEntry, EvaluationInputError,
     NormalizedModel, adversarial_examples, build_leaderboard, corrupt, evaluate, load_evaluation_examples,
-    load_schema, make_ensemble, validate,
+    load_schema, make_ensemble, validate, write_markdown,
 )
 from odenet_timm.robust.attacks import predict
 from odenet_timm.robust.evaluator import aggregate_solver_stats
-from odenet_timm.robust.cli import main
+from odenet_timm.robust.cli import OUTPUT_FILES, main
 from odenet_timm.robust.seeding import seeded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,10 +299,18 @@ def test_each_flag_fires_on_a_model_built_to_trip_it(flag, make, eps, linear_mod
     assert record['unreliable'] and any(d.startswith(flag) for d in record['flag_details'])
 
 
-def test_flags_are_unchecked_without_the_attacks_they_compare(linear_model, digits):
-    record = _flags(_entry('linear', linear_model), digits, AttackProtocol(attacks=('noise',)))
+def test_flags_are_unchecked_without_the_attacks_they_compare(linear_model, digits, tmp_path):
+    images, labels = digits
+    protocol = AttackProtocol(attacks=('noise',))
+    entry = _entry('linear', linear_model)
+    leaderboard = build_leaderboard([entry], evaluate([entry], images, labels, protocol, batch_size=32), protocol,
+                                    'digits', chance_acc=15.62, noise_source='computed')
+    record = leaderboard['entries'][0]
     assert record['flags'] == dict.fromkeys(record['flags'], None)
     assert record['worst_case_acc'] is None and record['noise_acc'] is not None
+    write_markdown(leaderboard, tmp_path / 'leaderboard.md')
+    row = next(line for line in (tmp_path / 'leaderboard.md').read_text().splitlines() if '| linear |' in line)
+    assert row.endswith('| unchecked |') and '✓' not in row  # nothing checked is not "✓ (0/5 checked)"
 
 
 class _CountingSolver(NormalizedModel):
@@ -413,6 +424,11 @@ def test_the_leaderboard_files(cli_run, exports):
     assert f"timm.create_model('local-dir:{exports['resnet']}'" in card.text
     assert not (cli_run / 'cards' / 'ens').exists()  # cards are per checkpoint
 
+    config = json.loads((Path(exports['resnet']) / 'config.json').read_text())
+    assert resnet['model_kwargs'] == config['model_args'] and resnet['model_kwargs']['layers'] == [1, 1, 1]
+    assert ens['model_kwargs'] is None and ens['members'][0]['model_kwargs'] == records['inres_a']['model_kwargs']
+    assert leaderboard['batch_size'] == 4 and leaderboard['noise_source'] == 'computed'
+
 
 def test_the_same_seed_gives_an_identical_leaderboard(cli_run, exports, tmp_path):
     assert main(_cli_args(exports, tmp_path)) == 0
@@ -484,3 +500,176 @@ def test_weights_files_load_with_model_kwargs(exports, tmp_path):
     record = json.loads((tmp_path / 'leaderboard.json').read_text())['entries'][0]
     assert record['name'] == 'r20' and record['checkpoint']['path'] == weights and record['flags'] == dict.fromkeys(
         record['flags'])
+
+
+# -- model kwargs: YAML-typed, recorded ------------------------------------------------------------------------------
+IMPLICIT_TINY = ['steps=[1,1,1]', 'widths=[4,8,8]']
+
+
+@pytest.fixture(scope='module')
+def implicit_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp('implicit') / 'trapezoid.safetensors'
+    save_file(timm.create_model('implicit_trapezoid_resnet', steps=[1, 1, 1], widths=[4, 8, 8]).state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize('memory_efficient', [False, True])
+def test_model_kwargs_are_yaml_typed_and_recorded(memory_efficient, implicit_weights, tmp_path):
+    """``memory_efficient=false`` is the bool False (it used to arrive as the truthy string 'false', so the
+    memory-efficient mode ran and reconstructed block inputs in backward)."""
+    flag = str(memory_efficient).lower()
+    assert main(['--model', 'implicit_trapezoid_resnet', '--weights', f'trap={implicit_weights}', '--model-kwargs',
+                 f'memory_efficient={flag}', *IMPLICIT_TINY, '--attacks', 'fgsm', '--n-examples', '4',
+                 '--batch-size', '4', '--steps', '1', '--blackbox-queries', '0', '--output', str(tmp_path)]) == 0
+    record = json.loads((tmp_path / 'leaderboard.json').read_text())['entries'][0]
+    assert record['model_kwargs'] == {'memory_efficient': memory_efficient, 'steps': [1, 1, 1], 'widths': [4, 8, 8]}
+    reconstructions = [key for stats in record['solver_stats'].values() for key in stats
+                       if key.startswith('reconstruct_')]
+    assert bool(reconstructions) == memory_efficient and 'forward_converged' in record['solver_stats']['fgsm']
+
+
+def test_wrongly_typed_model_kwargs_are_a_one_line_error(exports, tmp_path, capsys):
+    weights = os.path.join(exports['resnet'], 'model.safetensors')
+    err = _error(capsys, ['--model', 'cifar_resnet_20', '--weights', weights, '--model-kwargs', 'layers=1',
+                          '--output', str(tmp_path)])
+    assert err.count('\n') == 1 and 'CifarResNet: layers must be a sequence of positive integers' in err
+    assert os.listdir(tmp_path) == []
+
+
+# -- an existing leaderboard: refused, --overwrite, --append ---------------------------------------------------------
+def _board_args(paths, output, *extra):
+    return ['--checkpoints', *paths, '--attacks', 'fgsm', 'pgd', '--n-examples', '8', '--batch-size', '4',
+            '--eps', '4/255', '8/255', '--steps', '2', '--blackbox-queries', '0', '--output', str(output), *extra]
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def appended(exports, tmp_path_factory):
+    """One board grown by two --append runs (the first into an empty directory), with cards."""
+    output = tmp_path_factory.mktemp('appended')
+    assert main(_board_args([f"resnet={exports['resnet']}"], output, '--append', '--cards')) == 0
+    assert main(_board_args([f"inres_a={exports['inres_a']}"], output, '--append')) == 0
+    return output
+
+
+def test_append_twice_gives_the_board_of_one_run(appended, exports, tmp_path):
+    assert main(_board_args([f"resnet={exports['resnet']}", f"inres_a={exports['inres_a']}"], tmp_path,
+                            '--cards')) == 0
+    for name in ('leaderboard.json', 'leaderboard.md', 'leaderboard.csv'):
+        assert (appended / name).read_text() == (tmp_path / name).read_text(), name
+    board = json.loads((appended / 'leaderboard.json').read_text())
+    assert [e['rank'] for e in board['entries']] == [1, 2] and {e['name'] for e in board['entries']} == {
+        'resnet', 'inres_a'}
+    assert sorted(os.listdir(appended / 'cards')) == ['inres_a', 'resnet']  # cards re-rendered for the merged board
+    assert (appended / 'cards/inres_a/README.md').read_text() == (tmp_path / 'cards/inres_a/README.md').read_text()
+    assert not [p for p in os.listdir(appended) if p.startswith('.tmp')]
+
+
+@pytest.mark.parametrize('extra, message', [
+    ([], 'already holds a leaderboard (leaderboard.json, leaderboard.md, leaderboard.csv, robustness_curves.png, '
+         'cards): pass --append'),
+    (['--append', '--steps', '3'], 'evaluated under other settings, so its numbers cannot be ranked with these: '
+                                   'steps: 2 on the board, 3 now'),
+    (['--append', '--seed', '1', '--n-examples', '6'], 'n_examples: 8 on the board, 6 now; seed: 0 on the board, 1 now'),
+    (['--append', '--attacks', 'fgsm'], "attacks: ['clean', 'fgsm', 'pgd'] on the board, ['clean', 'fgsm'] now"),
+    (['--append', '--batch-size', '8'], 'batch_size: 4 on the board, 8 now'),
+    (['--append', '--overwrite'], 'not allowed with argument'),
+])
+def test_an_existing_board_is_refused_and_left_byte_identical(extra, message, appended, exports, capsys):
+    before = _snapshot(appended)
+    err = _error(capsys, _board_args([f"inres_b={exports['inres_b']}"], appended, *extra))
+    assert message in err, err
+    assert _snapshot(appended) == before
+
+
+def test_append_refuses_a_name_already_on_the_board(appended, exports, capsys):
+    before = _snapshot(appended)
+    err = _error(capsys, _board_args([f"resnet={exports['inres_b']}"], appended, '--append'))
+    assert 'resnet already on the leaderboard in' in err and _snapshot(appended) == before
+
+
+def test_append_refuses_a_board_it_cannot_read(exports, tmp_path, capsys):
+    (tmp_path / 'leaderboard.json').write_text('{"schema_version": 1, "entries": []}')
+    err = _error(capsys, _board_args([exports['resnet']], tmp_path, '--append'))
+    assert 'is not a leaderboard this version can extend' in err and 'leaderboard.json' in err
+    assert (tmp_path / 'leaderboard.json').read_text() == '{"schema_version": 1, "entries": []}'
+
+
+def test_overwrite_replaces_the_board_and_its_cards_only(appended, exports, tmp_path):
+    shutil.copytree(appended, tmp_path, dirs_exist_ok=True)
+    (tmp_path / 'notes.txt').write_text('mine')
+    assert main(_board_args([f"inres_b={exports['inres_b']}"], tmp_path, '--overwrite')) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(['notes.txt', *OUTPUT_FILES])  # the old cards/ went with its board
+    assert [e['name'] for e in json.loads((tmp_path / 'leaderboard.json').read_text())['entries']] == ['inres_b']
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+
+
+# -- non-finite numbers are refused before any attack ---------------------------------------------------------------
+def _copy_export(source, target, change):
+    shutil.copytree(source, target)
+    weights = load_file(os.path.join(target, 'model.safetensors'))
+    change(weights)
+    save_file(weights, os.path.join(target, 'model.safetensors'))
+    return str(target)
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda w: w['stages.1.0.residual.conv1.weight'].view(-1)[3:5].fill_(float('nan')),
+     'holds NaN or infinite values in 1 tensor(s) (stages.1.0.residual.conv1.weight)'),
+    (lambda w: w['norm.running_var'].fill_(float('inf')), 'holds NaN or infinite values in 1 tensor(s) (norm.running_var)'),
+    (lambda w: (w['fc.weight'].fill_(3e38), w['fc.bias'].fill_(3e38)), 'gives NaN or infinite logits on 8 of 8 clean'),
+])
+def test_non_finite_weights_or_logits_are_refused(change, message, exports, tmp_path, capsys):
+    bad = _copy_export(exports['resnet'], tmp_path / 'bad' / 'export', change)
+    output = tmp_path / 'out'
+    err = _error(capsys, _board_args([exports['inres_a'], f'broken={bad}'], output))
+    assert err.startswith('eval_robust.py: error: broken') and message in err and err.count('\n') == 1
+    assert os.path.join(bad, 'model.safetensors') in err or f'(weights {bad})' in err
+    assert os.listdir(output) == []
+
+
+# -- files and directories that cannot be used: one-line errors -------------------------------------------------------
+class _NotPlainData:
+    pass
+
+
+def test_corrupt_files_are_named_in_one_line(exports, tmp_path, capsys):
+    out = ['--output', str(tmp_path / 'out')]
+    truncated = tmp_path / 'truncated' / 'export'
+    shutil.copytree(exports['resnet'], truncated)
+    weights = truncated / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:100])
+    err = _error(capsys, ['--checkpoints', exports['inres_a'], str(truncated), exports['inres_b'], *out])
+    assert f'truncated: {weights} cannot be read as weights' in err and 'SafetensorError' in err and err.count('\n') == 1
+    bad_config = tmp_path / 'config' / 'export'
+    shutil.copytree(exports['resnet'], bad_config)
+    (bad_config / 'config.json').write_text('{"architecture": "cifar_resnet_20",')
+    err = _error(capsys, ['--checkpoints', exports['inres_a'], str(bad_config), *out])
+    assert f"{bad_config / 'config.json'} cannot be read as JSON" in err and err.count('\n') == 1
+    pickled = tmp_path / 'pickled.pth'
+    torch.save({'fc.weight': torch.zeros(10, 8), 'extra': _NotPlainData()}, pickled)
+    err = _error(capsys, ['--model', 'cifar_resnet_20', '--weights', str(pickled), *out])
+    assert f'pickled: {pickled} cannot be read as weights' in err and 'UnpicklingError' in err
+    assert err.count('\n') == 1
+    assert not (tmp_path / 'out' / 'leaderboard.json').exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused(exports, tmp_path, capsys):
+    a_file = tmp_path / 'results.txt'
+    a_file.write_text('keep')
+    assert f'--output {a_file} is a file, not a directory' in _error(
+        capsys, ['--checkpoints', exports['resnet'], '--output', str(a_file)])
+    assert a_file.read_text() == 'keep'
+    err = _error(capsys, ['--checkpoints', exports['resnet'], '--output', str(a_file / 'sub')])
+    assert f'--output {a_file / "sub"} cannot be written: Not a directory' in err
+    # a directory nobody may write into: /proc/self even for root, a read-only one otherwise
+    assert '--output /proc/self cannot be written' in _error(
+        capsys, ['--checkpoints', exports['resnet'], '--output', '/proc/self'])
+    if os.geteuid() != 0:
+        read_only = tmp_path / 'read_only'
+        read_only.mkdir(mode=0o555)
+        err = _error(capsys, ['--checkpoints', exports['resnet'], '--output', str(read_only)])
+        assert f'--output {read_only} cannot be written: Permission denied' in err

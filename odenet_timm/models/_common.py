@@ -7,7 +7,8 @@ them to :class:`CifarStagedNet`, which provides ``forward_features`` / ``forward
 ``forward_intermediates`` / ``reset_classifier`` / ``group_matcher`` / ``feature_info`` and the input checks.
 """
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+import numbers
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,8 +18,11 @@ from timm.models import checkpoint_seq
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CheckpointMismatchError', 'cifar_cfg', 'init_weights_cifar_', 'ConvStem',
-    'CifarStagedNet',
+    'CifarStagedNet', 'KwargTypeError', 'check_kwarg_types', 'INPUT_DTYPES',
 ]
+
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Input dtypes a model takes under autocast; without autocast the input must have the parameters' dtype."""
 
 # The In-ResNet authors' normalisation constants (docs/models.md#the-shared-cifar-skeleton), used by every family.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -58,6 +62,46 @@ def init_weights_cifar_(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+# kind of a model kwarg → (what a user is told it must be, the test of a value)
+_KWARG_KINDS: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    'bool': ('a bool (true or false)', lambda v: isinstance(v, bool)),
+    'int': ('an integer', _is_integer),
+    'number': ('a number', _is_number),
+    'str': ('a string', lambda v: isinstance(v, str)),
+    'stage_ints': ('a sequence of positive integers (one per stage)',
+                   lambda v: _is_sequence(v) and len(v) > 0 and all(_is_integer(n) and n >= 1 for n in v)),
+    'range': ('a (low, high) pair of numbers', lambda v: _is_sequence(v) and len(v) == 2 and all(map(_is_number, v))),
+}
+
+
+class KwargTypeError(TypeError, ValueError):
+    """A model kwarg that is not of the kind its model takes (a ``TypeError``, and a ``ValueError`` for callers
+    that catch bad arguments as such)."""
+
+
+def check_kwarg_types(owner: str, **kwargs: Tuple[Any, str]) -> None:
+    """Raise a :class:`KwargTypeError` naming the kwarg, its value and the expected type for the first ``name=(value, kind)``
+    whose value is not of ``kind`` (``'bool'``, ``'int'``, ``'number'``, ``'str'``, ``'stage_ints'``,
+    ``'range'``). Command lines hand over YAML-typed values; this stops a string such as ``'false'`` (truthy) or a
+    float layer count from silently building another model than the one asked for."""
+    for name, (value, kind) in kwargs.items():
+        expected, is_valid = _KWARG_KINDS[kind]
+        if not is_valid(value):
+            raise KwargTypeError(f'{owner}: {name} must be {expected}, got {value!r} ({type(value).__name__})')
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -105,6 +149,8 @@ class CifarStagedNet(nn.Module):
             final_norm: bool = True,
     ):
         super().__init__()
+        check_kwarg_types(type(self).__name__, num_classes=(num_classes, 'int'), in_chans=(in_chans, 'int'),
+                          global_pool=(global_pool, 'str'), drop_rate=(drop_rate, 'number'))
         if len(stages) != len(stage_channels) or len(stages) != len(stage_reductions):
             raise ValueError('stages, stage_channels and stage_reductions must have the same length')
         self.num_classes = num_classes
@@ -141,10 +187,26 @@ class CifarStagedNet(nn.Module):
             raise ValueError(
                 f'{self._name()} expects {self.in_chans} input channels, shape {expected}; got {x.shape[1]} '
                 f'channels in a tensor of shape {tuple(x.shape)}')
+        self._check_input_dtype(x)
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(
                 f'{self._name()} expects a spatial size of at least {self.min_input_size}x{self.min_input_size} '
                 f'(its stages downsample by {self.min_input_size}), shape {expected}; got {tuple(x.shape)}')
+
+    def _check_input_dtype(self, x: torch.Tensor) -> None:
+        """Images as bytes (uint8) or in another precision than the weights would fail deep inside a convolution
+        (or, for integers, be silently wrong: they are not normalized)."""
+        weight_dtype = next(self.parameters()).dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype in (INPUT_DTYPES if autocast else (weight_dtype,)):
+            return
+        expected = ('float32, float16 or bfloat16 (under autocast)' if autocast else
+                    f'{str(weight_dtype).replace("torch.", "")} (the dtype of its weights; float16 or bfloat16 '
+                    f'under autocast)')
+        raise TypeError(
+            f'{self._name()} expects NORMALIZED floating-point input of dtype {expected}; got {x.dtype} '
+            f'(convert images with .float() / 255 and normalize them with the mean and std of '
+            f'timm.data.resolve_model_data_config(model))')
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that, when strict, checks every key and shape BEFORE copying

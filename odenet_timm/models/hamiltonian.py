@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from odenet_timm.layers.reversible import AdditiveCoupling, reversible_sequence
-from ._common import CifarStagedNet, ConvStem, cifar_cfg, init_weights_cifar_
+from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_
 
 __all__ = ['HamiltonianNet', 'SymmetricLayer', 'HamiltonianUnit', 'MidPointUnit', 'LeapfrogUnit']
 
@@ -196,12 +196,14 @@ class HamiltonianNet(CifarStagedNet):
             raise ValueError(f'block must be one of {sorted(_UNITS)}, got {block!r}')
         if block_norm not in _NORMS:
             raise ValueError(f'block_norm must be one of {sorted(_NORMS)}, got {block_norm!r}')
+        check_kwarg_types(type(self).__name__, layers=(layers, 'stage_ints'), widths=(widths, 'stage_ints'),
+                          h=(h, 'number'), memory_efficient=(memory_efficient, 'bool'))
         h = float(h)
         if not (math.isfinite(h) and h > 0):
             raise ValueError(f'the step size h must be a positive number, got {h}')
-        layers, widths = tuple(int(n) for n in layers), tuple(int(w) for w in widths)
-        if not layers or len(layers) != len(widths) or min(layers) < 1:
-            raise ValueError(f'layers and widths need one entry per stage and >= 1 unit each; got {layers}, {widths}')
+        layers, widths = tuple(layers), tuple(widths)
+        if len(layers) != len(widths):
+            raise ValueError(f'layers and widths need one entry per stage; got {layers}, {widths}')
         halves = block == 'hamiltonian'
         granularity = 4 if halves else 2  # symmetric padding of each state entry (of a half, for Hamiltonian)
         if halves and any(w % 2 for w in widths):
@@ -284,47 +286,47 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def hamiltonian_74(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-74: 6-6-6 units, widths 32-64-112, 'bias' layers, 429,690 parameters."""
-    kwargs = dict(dict(layers=(6, 6, 6), widths=(32, 64, 112), block='hamiltonian', block_norm='bias'), **kwargs)
-    return _create_hamiltonian('hamiltonian_74', pretrained, **kwargs)
+    model_args = dict(layers=(6, 6, 6), widths=(32, 64, 112), block='hamiltonian', block_norm='bias')
+    return _create_hamiltonian('hamiltonian_74', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def hamiltonian_218(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-218: 18-18-18 units, widths 32-64-128, 'bias' layers, 1,683,034 parameters."""
-    kwargs = dict(dict(layers=(18, 18, 18), widths=(32, 64, 128), block='hamiltonian', block_norm='bias'), **kwargs)
-    return _create_hamiltonian('hamiltonian_218', pretrained, **kwargs)
+    model_args = dict(layers=(18, 18, 18), widths=(32, 64, 128), block='hamiltonian', block_norm='bias')
+    return _create_hamiltonian('hamiltonian_218', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def hamiltonian_1202(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-1202: 100-100-100 units, widths 32-64-128, 'bn' layers, 9,699,338 parameters."""
-    kwargs = dict(dict(layers=(100, 100, 100), widths=(32, 64, 128), block='hamiltonian', block_norm='bn'), **kwargs)
-    return _create_hamiltonian('hamiltonian_1202', pretrained, **kwargs)
+    model_args = dict(layers=(100, 100, 100), widths=(32, 64, 128), block='hamiltonian', block_norm='bn')
+    return _create_hamiltonian('hamiltonian_1202', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def midpoint_26(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """MidPoint-26: 4-4-4 units, widths 32-64-112, ``Y_{j+1} = Y_{j−1} + 2h F(Y_j)``."""
-    kwargs = dict(dict(layers=(4, 4, 4), widths=(32, 64, 112), block='midpoint'), **kwargs)
-    return _create_hamiltonian('midpoint_26', pretrained, **kwargs)
+    model_args = dict(layers=(4, 4, 4), widths=(32, 64, 112), block='midpoint')
+    return _create_hamiltonian('midpoint_26', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def midpoint_62(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """MidPoint-62: 10-10-10 units, widths 32-64-128, ``Y_{j+1} = Y_{j−1} + 2h F(Y_j)``."""
-    kwargs = dict(dict(layers=(10, 10, 10), widths=(32, 64, 128), block='midpoint'), **kwargs)
-    return _create_hamiltonian('midpoint_62', pretrained, **kwargs)
+    model_args = dict(layers=(10, 10, 10), widths=(32, 64, 128), block='midpoint')
+    return _create_hamiltonian('midpoint_62', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def leapfrog_26(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Leapfrog-26: 4-4-4 units, widths 32-64-112, ``Y_{j+1} = 2Y_j − Y_{j−1} − h² F(Y_j)``."""
-    kwargs = dict(dict(layers=(4, 4, 4), widths=(32, 64, 112), block='leapfrog'), **kwargs)
-    return _create_hamiltonian('leapfrog_26', pretrained, **kwargs)
+    model_args = dict(layers=(4, 4, 4), widths=(32, 64, 112), block='leapfrog')
+    return _create_hamiltonian('leapfrog_26', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def leapfrog_62(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Leapfrog-62: 10-10-10 units, widths 32-64-128, ``Y_{j+1} = 2Y_j − Y_{j−1} − h² F(Y_j)``."""
-    kwargs = dict(dict(layers=(10, 10, 10), widths=(32, 64, 128), block='leapfrog'), **kwargs)
-    return _create_hamiltonian('leapfrog_62', pretrained, **kwargs)
+    model_args = dict(layers=(10, 10, 10), widths=(32, 64, 128), block='leapfrog')
+    return _create_hamiltonian('leapfrog_62', pretrained, **dict(model_args, **kwargs))

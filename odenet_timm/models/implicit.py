@@ -37,7 +37,7 @@ from ..layers.fixed_point import (
     SolverConfig, SolverStatsLog, implicit_step, reversible_implicit_chain,
 )
 from ..layers.spectral_norm import SpectralNormConv2d
-from ._common import CifarStagedNet, ConvStem, cifar_cfg, init_weights_cifar_
+from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_
 
 __all__ = ['ImplicitResNet', 'ImplicitBlock', 'SCHEMES']
 
@@ -176,17 +176,18 @@ class ImplicitResNet(CifarStagedNet):
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
     ):
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 <= theta <= 1:
+        check_kwarg_types(type(self).__name__, theta=(theta, 'number'), h=(h, 'number'),
+                          steps=(steps, 'stage_ints'), widths=(widths, 'stage_ints'),
+                          memory_efficient=(memory_efficient, 'bool'), lipschitz=(lipschitz, 'number'))
+        if not 0 <= theta <= 1:
             raise ValueError(f'theta must be a number in [0, 1], got {theta!r}')
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0:
+        if not h > 0:
             raise ValueError(f'h must be a positive step size, got {h!r}')
         if scheme not in SCHEMES:
             raise ValueError(f'scheme must be one of {SCHEMES}, got {scheme!r}')
         steps, widths = tuple(steps), tuple(widths)
-        if len(steps) != len(widths) or not steps:
+        if len(steps) != len(widths):
             raise ValueError(f'steps and widths need one entry per stage, got steps={steps}, widths={widths}')
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps + widths):
-            raise ValueError(f'steps and widths must be positive integers, got steps={steps}, widths={widths}')
         if memory_efficient and theta != 0.5:
             raise ValueError(
                 f'memory_efficient=True needs theta=0.5 (the symmetric, reversible step), got theta={theta}')
@@ -276,10 +277,12 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def implicit_trapezoid_resnet(pretrained: bool = False, **kwargs) -> ImplicitResNet:
     """Implicit trapezoidal ResNet (θ = ½): ``x_{n+1} = x_n + h/2 [F(x_n) + F(x_{n+1})]``, 3-3-3 blocks, 16-32-64."""
-    return _create_implicit_resnet('implicit_trapezoid_resnet', pretrained, **dict(dict(theta=0.5), **kwargs))
+    model_args = dict(theta=0.5)
+    return _create_implicit_resnet('implicit_trapezoid_resnet', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def implicit_euler_resnet(pretrained: bool = False, **kwargs) -> ImplicitResNet:
     """Implicit (backward) Euler ResNet (θ = 1): ``x_{n+1} = x_n + h F(x_{n+1})``, 3-3-3 blocks, 16-32-64."""
-    return _create_implicit_resnet('implicit_euler_resnet', pretrained, **dict(dict(theta=1.0), **kwargs))
+    model_args = dict(theta=1.0)
+    return _create_implicit_resnet('implicit_euler_resnet', pretrained, **dict(model_args, **kwargs))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import CifarStagedNet, ConvStem, cifar_cfg, init_weights_cifar_
+from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_
 
 __all__ = ['CifarResNet', 'INTERPOLATIONS']
 
@@ -218,8 +218,10 @@ class CifarResNet(CifarStagedNet):
             raise ValueError(f'interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}')
         if lambda_init is None:
             lambda_init = (0.1, 0.2) if block == 'bottleneck' else (0.2, 0.25)
+        check_kwarg_types(type(self).__name__, layers=(layers, 'stage_ints'), widths=(widths, 'stage_ints'),
+                          stem_width=(stem_width, 'int'), lambda_init=(lambda_init, 'range'))
         lambda_init = tuple(float(v) for v in lambda_init)
-        if len(lambda_init) != 2 or not lambda_init[0] <= lambda_init[1]:
+        if not lambda_init[0] <= lambda_init[1]:
             raise ValueError(f'lambda_init must be a (low, high) range, got {lambda_init}')
         if interpolation in ('sig', 'gating_sig') and not 0 < lambda_init[0] <= lambda_init[1] < 1:
             raise ValueError(f'a sigmoid interpolation needs lambda_init inside (0, 1), got {lambda_init}')
@@ -320,104 +322,117 @@ _BOTTLENECK_164 = dict(layers=(18, 18, 18), block='bottleneck')
 @register_model
 def cifar_resnet_20(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-20 (3-3-3 basic blocks)."""
-    return _create_cifar_resnet('cifar_resnet_20', pretrained, **dict(_basic(20), **kwargs))
+    model_args = _basic(20)
+    return _create_cifar_resnet('cifar_resnet_20', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_resnet_32(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-32 (5-5-5 basic blocks)."""
-    return _create_cifar_resnet('cifar_resnet_32', pretrained, **dict(_basic(32), **kwargs))
+    model_args = _basic(32)
+    return _create_cifar_resnet('cifar_resnet_32', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_resnet_44(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-44 (7-7-7 basic blocks)."""
-    return _create_cifar_resnet('cifar_resnet_44', pretrained, **dict(_basic(44), **kwargs))
+    model_args = _basic(44)
+    return _create_cifar_resnet('cifar_resnet_44', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_resnet_56(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-56 (9-9-9 basic blocks)."""
-    return _create_cifar_resnet('cifar_resnet_56', pretrained, **dict(_basic(56), **kwargs))
+    model_args = _basic(56)
+    return _create_cifar_resnet('cifar_resnet_56', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_resnet_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-110 (18-18-18 basic blocks), ≈1.73M parameters."""
-    return _create_cifar_resnet('cifar_resnet_110', pretrained, **dict(_basic(110), **kwargs))
+    model_args = _basic(110)
+    return _create_cifar_resnet('cifar_resnet_110', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def cifar_resnet_164(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-164 (18-18-18 bottleneck blocks), ≈1.70M parameters."""
-    return _create_cifar_resnet('cifar_resnet_164', pretrained, **dict(_BOTTLENECK_164, **kwargs))
+    model_args = dict(_BOTTLENECK_164)
+    return _create_cifar_resnet('cifar_resnet_164', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_20(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-20: ``x_{n+1} = f_n(x_n) + (1 - ReLU(1 - k_n)) x_n``, λ ~ U[0.2, 0.25] at init."""
-    return _create_cifar_resnet('inresnet_20', pretrained, **dict(_basic(20), interpolation='inresnet', **kwargs))
+    model_args = dict(_basic(20), interpolation='inresnet')
+    return _create_cifar_resnet('inresnet_20', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_32(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-32: ``x_{n+1} = f_n(x_n) + (1 - ReLU(1 - k_n)) x_n``, λ ~ U[0.2, 0.25] at init."""
-    return _create_cifar_resnet('inresnet_32', pretrained, **dict(_basic(32), interpolation='inresnet', **kwargs))
+    model_args = dict(_basic(32), interpolation='inresnet')
+    return _create_cifar_resnet('inresnet_32', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_44(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-44: ``x_{n+1} = f_n(x_n) + (1 - ReLU(1 - k_n)) x_n``, λ ~ U[0.2, 0.25] at init."""
-    return _create_cifar_resnet('inresnet_44', pretrained, **dict(_basic(44), interpolation='inresnet', **kwargs))
+    model_args = dict(_basic(44), interpolation='inresnet')
+    return _create_cifar_resnet('inresnet_44', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_56(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-56: ``x_{n+1} = f_n(x_n) + (1 - ReLU(1 - k_n)) x_n``, λ ~ U[0.2, 0.25] at init."""
-    return _create_cifar_resnet('inresnet_56', pretrained, **dict(_basic(56), interpolation='inresnet', **kwargs))
+    model_args = dict(_basic(56), interpolation='inresnet')
+    return _create_cifar_resnet('inresnet_56', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-110 (Yang et al. 2020): ResNet-110 plus 51 learnable λ, λ ~ U[0.2, 0.25] at init."""
-    return _create_cifar_resnet('inresnet_110', pretrained, **dict(_basic(110), interpolation='inresnet', **kwargs))
+    model_args = dict(_basic(110), interpolation='inresnet')
+    return _create_cifar_resnet('inresnet_110', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_164(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-164 (Yang et al. 2020): bottleneck ResNet-164 plus 51 λ, λ ~ U[0.1, 0.2] at init."""
-    return _create_cifar_resnet('inresnet_164', pretrained, **dict(_BOTTLENECK_164, interpolation='inresnet', **kwargs))
+    model_args = dict(_BOTTLENECK_164, interpolation='inresnet')
+    return _create_cifar_resnet('inresnet_164', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def lambda_inresnet_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """λ-In-ResNet-110: ``x_{n+1} = (1 + λ_n) f_n(x_n) + (1 - λ_n) x_n``, ``λ_n = ReLU(k_n)``, k ~ U[0.2, 0.25]."""
-    kwargs = dict(_basic(110), interpolation='lambda_inresnet', **kwargs)
-    return _create_cifar_resnet('lambda_inresnet_110', pretrained, **kwargs)
+    model_args = dict(_basic(110), interpolation='lambda_inresnet')
+    return _create_cifar_resnet('lambda_inresnet_110', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def lambda_inresnet_164(pretrained: bool = False, **kwargs) -> CifarResNet:
     """λ-In-ResNet-164: bottleneck λ-In-ResNet, k ~ U[0.2, 0.25] at init (authors' λ-In-ResNet range)."""
-    kwargs = dict(_BOTTLENECK_164, interpolation='lambda_inresnet', lambda_init=(0.2, 0.25), **kwargs)
-    return _create_cifar_resnet('lambda_inresnet_164', pretrained, **kwargs)
+    model_args = dict(_BOTTLENECK_164, interpolation='lambda_inresnet', lambda_init=(0.2, 0.25))
+    return _create_cifar_resnet('lambda_inresnet_164', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_sig_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-sig-110 (slides, our reading): ``x_{n+1} = (1 - sigmoid(d_n)) x_n + f_n(x_n)``, scalar d_n."""
-    return _create_cifar_resnet('inresnet_sig_110', pretrained, **dict(_basic(110), interpolation='sig', **kwargs))
+    model_args = dict(_basic(110), interpolation='sig')
+    return _create_cifar_resnet('inresnet_sig_110', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_gating_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-gating-110 (slides, our reading): ``λ(x) = ReLU(W_d · GAP(x) + b_d)`` per sample and block."""
-    kwargs = dict(_basic(110), interpolation='gating', **kwargs)
-    return _create_cifar_resnet('inresnet_gating_110', pretrained, **kwargs)
+    model_args = dict(_basic(110), interpolation='gating')
+    return _create_cifar_resnet('inresnet_gating_110', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def inresnet_gating_sig_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """In-ResNet-gating-sig-110 (slides, our reading): ``λ(x) = sigmoid(W_d · GAP(x) + b_d)`` per sample."""
-    kwargs = dict(_basic(110), interpolation='gating_sig', **kwargs)
-    return _create_cifar_resnet('inresnet_gating_sig_110', pretrained, **kwargs)
+    model_args = dict(_basic(110), interpolation='gating_sig')
+    return _create_cifar_resnet('inresnet_gating_sig_110', pretrained, **dict(model_args, **kwargs))

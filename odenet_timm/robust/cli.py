@@ -4,20 +4,27 @@ Everything that can be wrong with the input (paths, weights that do not fit, ε,
 classes do not match a model's head, CIFAR-C files of another dataset) is checked before the first attack runs.
 """
 import argparse
+import json
 import os
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from timm.utils import ParseKwargs
-
 from ..data import DatasetNotFoundError
 from .. import CheckpointMismatchError
+from ..options import ParseYamlKwargs
 from .attacks import ATTACKS, AUTOATTACK_VERSIONS, DEFAULT_ATTACKS, AttackProtocol, parse_eps
-from .entries import ENSEMBLE_COMBINES, EvalEntry, load_export_dir, load_weights_file, make_ensemble
+from .entries import (
+    ENSEMBLE_COMBINES, EvalEntry, check_finite_logits, load_export_dir, load_weights_file, make_ensemble,
+)
 from .errors import EvaluationInputError
 from .evaluator import evaluate, load_evaluation_examples, make_accelerator
-from .leaderboard import SCHEMA_PATH, build_leaderboard, write_csv, write_json, write_markdown
+from .leaderboard import (
+    SCHEMA_PATH, build_leaderboard, leaderboard_settings, merge_leaderboards, protocol_differences, write_csv,
+    write_json, write_markdown,
+)
 from .noise import CifarCNoise, ComputedNoise
 from .plots import plot_robustness_curves
 from .schema import load_schema, validate
@@ -25,6 +32,8 @@ from .schema import load_schema, validate
 __all__ = ['build_parser', 'main']
 
 OUTPUT_FILES = ('leaderboard.json', 'leaderboard.md', 'leaderboard.csv', 'robustness_curves.png')
+_WRITERS = dict(zip(OUTPUT_FILES, (write_json, write_markdown, write_csv, plot_robustness_curves)))
+CARDS_DIR = 'cards'
 
 
 def _eps(text: str) -> float:
@@ -32,6 +41,13 @@ def _eps(text: str) -> float:
         return parse_eps(text)
     except EvaluationInputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a registered architecture, paired in order with --weights')
     models.add_argument('--weights', action='append', default=[], metavar='[NAME=]FILE',
                         help='weights (.safetensors) for the --model given at the same position')
-    models.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                        help='architecture arguments for every --model, e.g. layers=[1,1,1]')
+    models.add_argument('--model-kwargs', nargs='+', default={}, action=ParseYamlKwargs, metavar='KEY=VALUE',
+                        help='architecture arguments for every --model, values parsed as YAML like train.py\'s '
+                             '(layers=[1,1,1], memory_efficient=false)')
     models.add_argument('--ensemble', action='append', default=[], metavar='NAME=DIR,DIR,...',
                         help='an ensemble of export directories, attacked as one model (repeatable)')
     models.add_argument('--ensemble-combine', choices=ENSEMBLE_COMBINES, default='probs',
@@ -60,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--cifar-c-dir', default=None, help='real CIFAR-10-C / CIFAR-100-C .npy files to read the '
                                                           'noise corruptions from (default: computed on the fly)')
     data.add_argument('--n-examples', type=int, default=None, help='the first N examples, in order (default: all)')
-    data.add_argument('--batch-size', type=int, default=128)
+    data.add_argument('--batch-size', type=_positive_int, default=128)
     attacks = parser.add_argument_group('protocol')
     attacks.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(DEFAULT_ATTACKS),
                          help=f'default: {" ".join(DEFAULT_ATTACKS)} (clean accuracy is always measured)')
@@ -76,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     out = parser.add_argument_group('outputs')
     out.add_argument('--output', default=None, help=f'directory for {", ".join(OUTPUT_FILES)}')
     out.add_argument('--cards', action='store_true', help='also write OUTPUT/cards/NAME/README.md per checkpoint')
+    existing = out.add_mutually_exclusive_group()
+    existing.add_argument('--overwrite', action='store_true',
+                          help='replace the leaderboard already in --output (its files and cards/ only; nothing else '
+                               'there is touched, and the old board stays until the new one is written)')
+    existing.add_argument('--append', action='store_true',
+                          help='evaluate only the entries given and merge them into the leaderboard already in '
+                               '--output, re-ranked; refused unless dataset, examples, batch size, noise, ε, '
+                               'attacks, steps, step size, seed and the versions that change numbers are the same')
     out.add_argument('--write-architecture-cards', default=None, metavar='DIR',
                      help='write one card per registered architecture into DIR (e.g. model_cards/) and exit '
                           'unless models are given too')
@@ -146,6 +171,77 @@ def _check_entries_fit(entries: Sequence[EvalEntry], classes: Sequence[str], dat
         raise EvaluationInputError(f'the models take different input sizes {sorted(sizes)}; evaluate them separately')
 
 
+def _read_board(path: str) -> Dict:
+    """The leaderboard in ``path`` to append to, refused (naming the file) when unreadable or not of this schema."""
+    try:
+        with open(path) as f:
+            board = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EvaluationInputError(f'--append: cannot read the leaderboard to append to, {path}: {e}') from e
+    problems = validate(board, load_schema(SCHEMA_PATH))
+    if problems:
+        raise EvaluationInputError(f'--append: {path} is not a leaderboard this version can extend '
+                                   f'({problems[0]}{" …" if len(problems) > 1 else ""}); re-run with --overwrite')
+    return board
+
+
+def _prepare_output(args: argparse.Namespace) -> Optional[Dict]:
+    """Check, before anything is evaluated, that ``--output`` can take the results without losing an existing
+    leaderboard; returns the leaderboard to append to (``--append``), else None."""
+    output = args.output
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise EvaluationInputError(f'--output {output} is a file, not a directory')
+    try:
+        os.makedirs(output, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as e:
+        raise EvaluationInputError(f'--output {output} cannot be written: {e.strerror or e}') from None
+    present = [name for name in (*OUTPUT_FILES, CARDS_DIR) if os.path.exists(os.path.join(output, name))]
+    if not present or args.overwrite:
+        return None
+    if not args.append:
+        raise EvaluationInputError(
+            f'{output} already holds a leaderboard ({", ".join(present)}): pass --append to evaluate only the '
+            f'entries given and merge them into it, or --overwrite to replace it')
+    return _read_board(os.path.join(output, 'leaderboard.json'))
+
+
+def _check_appendable(board: Dict, entries: Sequence[EvalEntry], settings: Dict, output: str) -> None:
+    differences = protocol_differences(board, settings)
+    if differences:
+        raise EvaluationInputError(f'--append: the leaderboard in {output} was evaluated under other settings, so '
+                                   f'its numbers cannot be ranked with these: ' + '; '.join(differences))
+    taken = [e.name for e in entries if e.name in {record['name'] for record in board['entries']}]
+    if taken:
+        raise EvaluationInputError(f'--append: {", ".join(taken)} already on the leaderboard in {output}; give the '
+                                   f'new entries other names (NAME=PATH) or replace the board with --overwrite')
+
+
+def _write_outputs(leaderboard: Dict, output: str, cards: bool, replace_cards: bool) -> None:
+    """Write every output file next to its final name first, then move them all into place (an interrupted write
+    leaves the previous board whole); ``replace_cards`` removes the previous board's cards/."""
+    problems = validate(leaderboard, load_schema(SCHEMA_PATH))
+    if problems:
+        raise RuntimeError('the leaderboard does not match its schema:\n' + '\n'.join(problems))
+    staged = {}
+    for name, write in _WRITERS.items():
+        staged[name] = os.path.join(output, f'.tmp.{name}')  # keeps the extension that picks the image format
+        write(leaderboard, staged[name])
+    for name, path in staged.items():
+        os.replace(path, os.path.join(output, name))
+    cards_dir = os.path.join(output, CARDS_DIR)
+    if replace_cards:
+        shutil.rmtree(cards_dir, ignore_errors=True)
+    if cards:
+        from ..cards import checkpoint_card
+        for record in leaderboard['entries']:
+            if record['kind'] == 'model':
+                card_dir = os.path.join(cards_dir, record['name'])
+                os.makedirs(card_dir, exist_ok=True)
+                checkpoint_card(record, leaderboard).save(os.path.join(card_dir, 'README.md'))
+
+
 def run(args: argparse.Namespace) -> Optional[dict]:
     """Check the whole request, evaluate, and (on the main process) write the outputs; returns the leaderboard."""
     protocol = AttackProtocol(
@@ -153,6 +249,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries, seed=args.seed)
     if args.output is None:
         raise EvaluationInputError('--output DIR is required to evaluate')
+    board = _prepare_output(args)
     entries = _load_entries(args)
     images, labels, classes = load_evaluation_examples(args.dataset, args.data_dir, args.n_examples,
                                                        entries[0].input_size)
@@ -160,9 +257,14 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     noise = CifarCNoise(args.cifar_c_dir) if args.cifar_c_dir else ComputedNoise()
     if args.cifar_c_dir:
         noise.check_examples(labels, entries[0].input_size[1:])
+    if board is not None:
+        settings = leaderboard_settings(protocol, args.dataset, len(labels), noise.source, args.batch_size)
+        _check_appendable(board, entries, settings, args.output)
     accelerator = make_accelerator()
+    for entry in entries:
+        if not entry.is_ensemble:  # an ensemble of members with finite logits has finite outputs
+            check_finite_logits(entry, images, args.batch_size, accelerator.device)
     if accelerator.is_main_process:
-        os.makedirs(args.output, exist_ok=True)
         print(f'evaluating {len(entries)} entries on {len(labels)} {args.dataset} examples '
               f'({", ".join(protocol.attacks)}) on {accelerator.num_processes} process(es)', file=sys.stderr)
 
@@ -171,21 +273,12 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     if not accelerator.is_main_process:
         return None
     chance_acc = round(100.0 * max(Counter(labels.tolist()).values()) / len(labels), 2)
-    leaderboard = build_leaderboard(entries, outcomes, protocol, args.dataset, chance_acc, noise.source)
-    problems = validate(leaderboard, load_schema(SCHEMA_PATH))
-    if problems:
-        raise RuntimeError('the leaderboard does not match its schema:\n' + '\n'.join(problems))
-    write_json(leaderboard, os.path.join(args.output, 'leaderboard.json'))
-    write_markdown(leaderboard, os.path.join(args.output, 'leaderboard.md'))
-    write_csv(leaderboard, os.path.join(args.output, 'leaderboard.csv'))
-    plot_robustness_curves(leaderboard, os.path.join(args.output, 'robustness_curves.png'))
-    if args.cards:
-        from ..cards import checkpoint_card
-        for record in leaderboard['entries']:
-            if record['kind'] == 'model':
-                card_dir = os.path.join(args.output, 'cards', record['name'])
-                os.makedirs(card_dir, exist_ok=True)
-                checkpoint_card(record, leaderboard).save(os.path.join(card_dir, 'README.md'))
+    leaderboard = build_leaderboard(entries, outcomes, protocol, args.dataset, chance_acc, noise.source,
+                                    args.batch_size)
+    if board is not None:
+        leaderboard = merge_leaderboards(board, leaderboard)
+    cards = args.cards or (board is not None and os.path.isdir(os.path.join(args.output, CARDS_DIR)))
+    _write_outputs(leaderboard, args.output, cards, replace_cards=args.overwrite)
     return leaderboard
 
 

@@ -6,8 +6,10 @@ directories that training writes with ``timm.models.save_for_hf(..., safe_serial
 wrapper come from each model's pretrained cfg.
 """
 import hashlib
+import json
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -15,6 +17,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 
 from .. import CheckpointMismatchError
@@ -22,7 +26,7 @@ from .errors import EvaluationInputError
 
 __all__ = [
     'NormalizedModel', 'Ensemble', 'EvalEntry', 'ENSEMBLE_COMBINES', 'load_export_dir', 'load_weights_file',
-    'make_ensemble', 'sha256_file', 'solver_stats_of', 'reset_solver_stats_of',
+    'make_ensemble', 'sha256_file', 'solver_stats_of', 'reset_solver_stats_of', 'check_finite_logits',
 ]
 
 ENSEMBLE_COMBINES = ('probs', 'logits')
@@ -98,6 +102,7 @@ class EvalEntry:
     num_classes: int
     input_size: Tuple[int, int, int]
     checkpoint: Optional[Dict[str, str]] = None   # {'path', 'sha256'} of a single model's weights
+    model_kwargs: Optional[Dict[str, Any]] = None  # what the architecture was built with (a single model's)
     members: List['EvalEntry'] = field(default_factory=list)
     ensemble_combine: Optional[str] = None
 
@@ -123,7 +128,8 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _entry_from_model(name: str, model: nn.Module, weights_path: str, checkpoint_path: str) -> EvalEntry:
+def _entry_from_model(name: str, model: nn.Module, weights_path: str, checkpoint_path: str,
+                      model_kwargs: Dict[str, Any]) -> EvalEntry:
     model.eval()
     cfg = resolve_model_data_config(model)
     return EvalEntry(
@@ -133,7 +139,62 @@ def _entry_from_model(name: str, model: nn.Module, weights_path: str, checkpoint
         num_classes=model.num_classes,
         input_size=tuple(cfg['input_size']),
         checkpoint={'path': checkpoint_path, 'sha256': sha256_file(weights_path)},
+        model_kwargs=json.loads(json.dumps(model_kwargs)),  # as the leaderboard stores them (tuples → lists)
     )
+
+
+def _tensors(value: Any, prefix: str = '') -> Dict[str, torch.Tensor]:
+    """Every tensor in a (nested) state dict, by dotted key."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return {k: t for key, item in items for k, t in _tensors(item, f'{prefix}.{key}' if prefix else str(key)).items()}
+
+
+def _check_weights_file(name: str, path: str) -> None:
+    """Read ``path`` as timm will (safetensors, or a state dict under ``weights_only=True``) and refuse it, naming
+    the entry and the file, when it cannot be read or holds a NaN or infinite value: such a model's robustness
+    numbers would be meaningless (a NaN network predicts one class for every input, attacked or not)."""
+    try:
+        if path.endswith('.safetensors'):
+            tensors = load_file(path)
+        else:
+            tensors = _tensors(torch.load(path, map_location='cpu', weights_only=True))
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise EvaluationInputError(
+            f'{name}: {path} cannot be read as weights (a corrupt or truncated file, or a pickle that is not plain '
+            f'tensors and containers, which is not unpickled): {type(e).__name__}: {str(e).splitlines()[0]}') from e
+    bad = [key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise EvaluationInputError(f'{name}: {path} holds NaN or infinite values in {len(bad)} tensor(s) '
+                                   f'({", ".join(bad[:5])}{", …" if len(bad) > 5 else ""}); refusing to evaluate it')
+
+
+def _read_export_config(name: str, path: str) -> Dict[str, Any]:
+    config_path = os.path.join(path, 'config.json')
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EvaluationInputError(f'{name}: {config_path} cannot be read as JSON: {e}') from e
+    if not isinstance(config, dict) or not isinstance(config.get('model_args', {}), dict):
+        raise EvaluationInputError(f'{name}: {config_path} is not a timm model config (a mapping with '
+                                   f'architecture, model_args, pretrained_cfg)')
+    return config
+
+
+@torch.no_grad()
+def check_finite_logits(entry: EvalEntry, images: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """Refuse ``entry`` (naming it and its weights) when its logits on any clean image are NaN or infinite."""
+    module = entry.module.to(device).eval()
+    bad = [start + i for start in range(0, len(images), batch_size)
+           for i in (~torch.isfinite(module(images[start:start + batch_size].to(device))).all(dim=1)).nonzero()
+           .flatten().tolist()]
+    if bad:
+        source = f' (weights {entry.checkpoint["path"]})' if entry.checkpoint else ''
+        raise EvaluationInputError(
+            f'{entry.name}{source} gives NaN or infinite logits on {len(bad)} of {len(images)} clean examples '
+            f'(first: example {bad[0]}); refusing to evaluate it')
 
 
 def load_export_dir(path: str, name: str) -> EvalEntry:
@@ -148,8 +209,10 @@ def load_export_dir(path: str, name: str) -> EvalEntry:
         raise EvaluationInputError(
             f'{path} is not a timm export: expected config.json and model.safetensors (written by '
             f'timm.models.save_for_hf(model, DIR, safe_serialization=True), e.g. RUN/export from train.py)')
-    model = _create(f'local-dir:{path}', path, pretrained=True)
-    return _entry_from_model(name, model, weights, path)
+    config = _read_export_config(name, path)
+    _check_weights_file(name, weights)
+    model = _create(f'local-dir:{path}', name, path, pretrained=True)
+    return _entry_from_model(name, model, weights, path, config.get('model_args', {}))
 
 
 def load_weights_file(model_name: str, weights: str, name: str, model_kwargs: Optional[Dict] = None) -> EvalEntry:
@@ -159,16 +222,21 @@ def load_weights_file(model_name: str, weights: str, name: str, model_kwargs: Op
         raise EvaluationInputError(f'unknown model {model_name!r}; odenet_timm.list_models() lists ours')
     if not os.path.isfile(weights):
         raise EvaluationInputError(f'weights file {weights} does not exist')
-    model = _create(model_name, weights, pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(weights)),
-                    **(model_kwargs or {}))
-    return _entry_from_model(name, model, weights, weights)
+    _check_weights_file(name, weights)
+    model = _create(model_name, name, weights, pretrained=True,
+                    pretrained_cfg_overlay=dict(file=os.path.abspath(weights)), **(model_kwargs or {}))
+    return _entry_from_model(name, model, weights, weights, model_kwargs or {})
 
 
-def _create(model_name: str, source: str, **kwargs) -> nn.Module:
+def _create(model_name: str, name: str, source: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` on files already checked to be readable: what still fails is the architecture's
+    arguments (``--model-kwargs``, an export's ``model_args``) or weights that do not fit it."""
     try:
         return timm.create_model(model_name, **kwargs)
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f'{source}: {e}') from e
+    except (TypeError, ValueError) as e:
+        raise EvaluationInputError(f'{name}: cannot build {model_name} for {source}: {e}') from e
 
 
 def make_ensemble(name: str, members: Sequence[EvalEntry], combine: str = 'probs') -> EvalEntry:

@@ -23,10 +23,10 @@ from .trust import FLAGS, trust_flags
 
 __all__ = [
     'SCHEMA_VERSION', 'SCHEMA_PATH', 'LEADERBOARD_METRICS', 'summarize', 'build_leaderboard', 'package_versions',
-    'write_json', 'write_markdown', 'write_csv',
+    'leaderboard_settings', 'protocol_differences', 'merge_leaderboards', 'write_json', 'write_markdown', 'write_csv',
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), 'leaderboard.schema.json')
 LEADERBOARD_METRICS = ('clean_acc', 'noise_acc', 'fgsm_acc', 'ifgsm_acc', 'pgd_acc', 'autoattack_acc', 'worst_case_acc')
 _ATTACK_CURVES = ('fgsm', 'ifgsm', 'pgd', 'autoattack', 'blackbox')
@@ -35,6 +35,9 @@ _COLUMN_TITLES = {
     'autoattack_acc': 'AutoAttack', 'worst_case_acc': 'worst case',
 }
 _PACKAGES = ('torch', 'timm', 'torchattacks', 'pyautoattack', 'accelerate', 'numpy', 'huggingface_hub')
+_NUMBER_PACKAGES = ('odenet_timm', 'torch', 'timm', 'torchattacks', 'pyautoattack', 'numpy')
+"""The packages whose version can change the numbers (models, attacks, random draws): boards merge only if these
+agree. Python, Accelerate and huggingface_hub only run or describe the evaluation."""
 
 
 def _accuracy(correct: torch.Tensor) -> float:
@@ -88,6 +91,47 @@ def _rank_key(record: Dict):
     return -headline, -record['clean_acc'], record['name']
 
 
+def _ranked(records: Sequence[Dict]) -> List[Dict]:
+    ranked = sorted(records, key=_rank_key)
+    for rank, record in enumerate(ranked, start=1):
+        record['rank'] = rank
+    return ranked
+
+
+def leaderboard_settings(protocol: AttackProtocol, dataset: str, n_examples: int, noise_source: str,
+                         batch_size: Optional[int] = None, versions: Optional[Dict[str, str]] = None) -> Dict:
+    """The top-level fields of a leaderboard: everything its numbers depend on besides the entries themselves
+    (the batch size too: the random draws of noise and attacks are seeded per batch)."""
+    return {
+        'schema_version': SCHEMA_VERSION,
+        'dataset': dataset,
+        'n_examples': n_examples,
+        'batch_size': batch_size,
+        'noise_source': noise_source if 'noise' in protocol.attacks else None,
+        'seed': protocol.seed,
+        'protocol': protocol.describe(),
+        'versions': versions or package_versions(),
+    }
+
+
+def protocol_differences(board: Dict, settings: Dict) -> List[str]:
+    """``setting: value on the board, value now`` for every setting that changes the numbers on which an existing
+    ``board`` and a new evaluation's :func:`leaderboard_settings` differ (empty: their entries can be merged)."""
+    def comparable(doc: Dict) -> Dict:
+        protocol = {k: v for k, v in (doc.get('protocol') or {}).items() if k != 'libraries'}
+        versions = doc.get('versions') or {}
+        return {**{k: doc.get(k) for k in ('schema_version', 'dataset', 'n_examples', 'batch_size', 'noise_source')},
+                **protocol, **{f'{name} version': versions.get(name) for name in _NUMBER_PACKAGES}}
+    old, new = comparable(board), comparable(settings)
+    return [f'{key}: {old.get(key)!r} on the board, {new.get(key)!r} now'
+            for key in list(dict.fromkeys([*old, *new])) if old.get(key) != new.get(key)]
+
+
+def merge_leaderboards(board: Dict, addition: Dict) -> Dict:
+    """``board`` with the entries of ``addition`` (same settings, other names) added and all of them re-ranked."""
+    return dict(board, entries=_ranked([*board['entries'], *addition['entries']]))
+
+
 def build_leaderboard(
         entries: Sequence[EvalEntry],
         outcomes: Dict[str, EntryOutcome],
@@ -95,11 +139,13 @@ def build_leaderboard(
         dataset: str,
         chance_acc: float,
         noise_source: str,
+        batch_size: Optional[int] = None,
 ) -> Dict:
     """The leaderboard document: run settings and one ranked record per entry (ensembles with the mean of their
     members and the improvement ensemble − mean, as in the In-ResNet paper)."""
     n_examples = len(outcomes[entries[0].name].correct['clean'])
-    versions = package_versions()
+    settings = leaderboard_settings(protocol, dataset, n_examples, noise_source, batch_size)
+    versions = settings['versions']
     records = {}
     for entry in entries:
         summary = summarize(outcomes[entry.name], protocol)
@@ -109,8 +155,9 @@ def build_leaderboard(
             'kind': 'ensemble' if entry.is_ensemble else 'model',
             'architecture': entry.architecture,
             'checkpoint': _checkpoint(entry),
-            'members': [{'name': m.name, 'architecture': m.architecture, 'checkpoint': _checkpoint(m)}
-                        for m in entry.members] or None,
+            'model_kwargs': entry.model_kwargs,
+            'members': [{'name': m.name, 'architecture': m.architecture, 'checkpoint': _checkpoint(m),
+                         'model_kwargs': m.model_kwargs} for m in entry.members] or None,
             'ensemble_combine': entry.ensemble_combine,
             'params': entry.params,
             'number_forward_passes': entry.number_forward_passes,
@@ -145,18 +192,7 @@ def build_leaderboard(
                 'member_mean': mean,
                 'improvement': {m: round(record[m] - mean[m], 2) for m in metrics},
             }
-    ranked = sorted(records.values(), key=_rank_key)
-    for rank, record in enumerate(ranked, start=1):
-        record['rank'] = rank
-    return {
-        'schema_version': SCHEMA_VERSION,
-        'dataset': dataset,
-        'n_examples': n_examples,
-        'seed': protocol.seed,
-        'protocol': protocol.describe(),
-        'versions': versions,
-        'entries': ranked,
-    }
+    return dict(settings, entries=_ranked(list(records.values())))
 
 
 def write_json(leaderboard: Dict, path: str) -> None:
@@ -187,6 +223,8 @@ def _flags_cell(record: Dict) -> str:
     if fired:
         return '⚠ ' + ', '.join(fired)
     checked = sum(value is not None for value in record['flags'].values())
+    if not checked:
+        return 'unchecked'
     return '✓' if checked == len(FLAGS) else f'✓ ({checked}/{len(FLAGS)} checked)'
 
 
@@ -224,8 +262,8 @@ def write_markdown(leaderboard: Dict, path: str) -> None:
                      ['', 'improvement', *(f"{e['ensemble']['improvement'][m]:+.2f}" for m in metrics)]]
         lines += _table(['ensemble', 'row', *(_COLUMN_TITLES[m] for m in metrics)], rows,
                         ['l', 'l', *('r' * len(metrics))])
-    lines += ['', '## Trust flags', '', '⚠ = fired, ✓ = checked and silent; a flag is unchecked when the attacks it '
-              'compares did not run.', '']
+    lines += ['', '## Trust flags', '', '⚠ = fired, ✓ = checked and silent (k/5 checked: only k could be checked); '
+              'a flag is unchecked when the attacks it compares did not run.', '']
     lines += [f'- `{name}`: {text}' for name, text in FLAGS.items()]
     fired = [(e['name'], d) for e in entries for d in e['flag_details']]
     if fired:

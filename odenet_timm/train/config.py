@@ -8,14 +8,15 @@ fails with the file and the key named instead of being ignored.
 import argparse
 import difflib
 import json
-import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..options import ParseYamlKwargs, load_yaml
+
 __all__ = [
     'ConfigError', 'LATEST', 'RUN_MANAGEMENT_OPTIONS', 'SCHEDULES', 'build_parser', 'parse_args', 'run_identity',
-    'identity_differences', 'load_yaml',
+    'identity_differences',
 ]
 
 LATEST = 'latest'
@@ -31,40 +32,6 @@ RUN_MANAGEMENT_OPTIONS = frozenset({'config', 'output', 'resume', 'overwrite', '
 
 class ConfigError(ValueError):
     """Command-line or config-file input that cannot describe a training run (the message names the problem)."""
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-4`` as a float (YAML 1.2; YAML 1.1 wants ``1.0e-4``)."""
-
-
-_Yaml12Loader.add_implicit_resolver(
-    'tag:yaml.org,2002:float',
-    re.compile(r'^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$'),
-    list('-+0123456789'),
-)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML safely (plain data only), reading exponent notation such as ``1e-4`` as floats."""
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-class ParseYamlKwargs(argparse.Action):
-    """``KEY=VALUE ...`` into a dict, each VALUE parsed as YAML (``layers=[1,1,1]``, ``memory_efficient=false``,
-    ``h=0.1``). The pairs are merged over the dict already there, so the command line overrides single keys of a
-    config file's ``model_kwargs``."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kwargs = dict(getattr(namespace, self.dest) or {})
-        for item in values:
-            key, sep, text = item.partition('=')
-            if not sep or not key:
-                parser.error(f'{option_string}: expected KEY=VALUE, got {item!r}')
-            try:
-                kwargs[key] = load_yaml(text)
-            except yaml.YAMLError as e:
-                parser.error(f'{option_string}: the value of {key} is not valid YAML: {text!r} ({e})')
-        setattr(namespace, self.dest, kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
