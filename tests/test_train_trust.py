@@ -151,6 +151,15 @@ def test_skipped_non_finite_steps_change_nothing_and_are_counted(images, tmp_pat
     assert progress == {'epoch': 1, 'num_updates': 0, 'skipped_steps': STEPS_PER_EPOCH}
 
 
+def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(images, tmp_path, nan_losses):
+    nan_losses({2})  # the second of the two micro-batches of step 1
+    output = tmp_path / 'run'
+    assert run(*tiny_args(output, images, 1, '--grad-accum', 2, '--max-bad-steps', 1)) == 0
+    assert records(output)[0]['skipped_steps'] == 1
+    progress = torch.load(output / 'checkpoints/checkpoint_1/custom_checkpoint_0.pkl', weights_only=True)
+    assert progress == {'epoch': 1, 'num_updates': STEPS_PER_EPOCH - 1, 'skipped_steps': 1}
+
+
 def test_more_non_finite_steps_than_allowed_stop_the_run(images, tmp_path, nan_losses, capsys):
     nan_losses({1, 3})
     assert run(*tiny_args(tmp_path / 'run', images, 1, '--max-bad-steps', 1)) == 1
