@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from accelerate.utils import load as accelerate_load
 
 from .config import LATEST
 
@@ -319,12 +320,12 @@ def _check_rng_states(checkpoint: Path) -> None:
     """Refuse a ``random_states_R.pkl`` that Accelerate would skip without a word (unreadable, or not an RNG
     state). A missing one is fine: a checkpoint of fewer processes has none for the others, and the training
     re-seeds every epoch."""
-    from accelerate.utils import load  # Accelerate's own reader (weights_only, NumPy arrays allowed)
     for path in sorted(p for p in checkpoint.iterdir() if _RNG_STATE_FILE.match(p.name)):
         try:
-            states = load(path, map_location='cpu')
+            states = accelerate_load(path, map_location='cpu')  # as load_state reads it (weights_only)
         except Exception as e:  # garbled or unsafe
-            raise CheckpointError(f'{path} is not a readable RNG state ({type(e).__name__}: {e})') from e
+            first_line = (str(e).splitlines() or [''])[0]
+            raise CheckpointError(f'{path} is not a readable RNG state ({type(e).__name__}: {first_line})') from e
         if not isinstance(states, dict) or not all(k in states for k in _RNG_STATE_KEYS):
             raise CheckpointError(f'{path} is not an RNG state (expected the keys {", ".join(_RNG_STATE_KEYS)})')
 
