@@ -5,6 +5,11 @@ every command runs offline), upsampled to 32×32 RGB so that CIFAR models, timm 
 apply to it unchanged. CIFAR-10/-100 go through timm's ``create_dataset('torch/cifar10', ...)``; any other
 name that is a directory is read as an ImageFolder tree (``DIR/train/<class>/*.png``,
 ``DIR/validation/<class>/*.png``; ``val``/``test`` also accepted for the evaluation split).
+
+No silent substitutes: timm's ``ImageDataset`` replaces an image it cannot read by the next one with only a log
+line. Here an ImageFolder dataset tries each image once (a failure is an error), and :func:`check_split` decodes
+every image up front: an unreadable validation image is an error naming the file, unreadable training images are
+left out (and listed) up to a given fraction, and a split with fewer than two classes is refused.
 """
 import os
 from typing import Callable, List, Optional, Sequence
@@ -14,8 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 __all__ = [
-    'DigitsDataset', 'DatasetNotFoundError', 'create_dataset', 'dataset_classes', 'cifar_train_transform',
-    'DATASET_NAMES',
+    'DigitsDataset', 'DatasetError', 'DatasetNotFoundError', 'check_split', 'create_dataset', 'dataset_classes',
+    'cifar_train_transform', 'DATASET_NAMES',
 ]
 
 DATASET_NAMES = ('digits', 'torch/cifar10', 'torch/cifar100')
@@ -25,6 +30,10 @@ _CIFAR_FOLDERS = {'torch/cifar10': 'cifar-10-batches-py', 'torch/cifar100': 'cif
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset that is not on disk (and was not asked to be downloaded), or an unknown dataset name."""
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot train or measure a classifier: fewer than two classes, unreadable images."""
 
 
 class DigitsDataset(Dataset):
@@ -101,7 +110,13 @@ def create_dataset(
             raise DatasetNotFoundError(
                 f'ImageFolder {os.path.abspath(name)} has no {split} split: expected one of '
                 f'{", ".join(os.path.basename(c) for c in candidates)} holding one sub-directory per class')
-        return timm.data.create_dataset('', root=split_dir, split=split, search_split=False, transform=transform)
+        try:
+            dataset = timm.data.create_dataset('', root=split_dir, split=split, search_split=False,
+                                               transform=transform)
+        except RuntimeError as e:  # timm: 'Found 0 images in subfolders of ...'
+            raise DatasetError(f'ImageFolder {os.path.abspath(split_dir)}: {e}') from e
+        dataset._max_retries = 1  # an unreadable image is an error, never replaced by its neighbour
+        return dataset
 
     raise DatasetNotFoundError(
         f'unknown dataset {name!r}: expected one of {", ".join(DATASET_NAMES)} or an existing ImageFolder directory')
@@ -115,6 +130,55 @@ def dataset_classes(dataset: Dataset) -> List[str]:
     if class_to_idx:
         return [c for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
     raise ValueError(f'cannot tell the classes of {type(dataset).__name__}')
+
+
+def _labels(dataset: Dataset) -> List[int]:
+    """The label of every sample of a dataset built by :func:`create_dataset` (without loading any image)."""
+    if hasattr(dataset, 'targets'):
+        return list(dataset.targets)
+    return [target for _, target in dataset.reader.samples]
+
+
+def _unreadable_images(dataset: Dataset) -> List[str]:
+    """The files of an ImageFolder dataset that PIL cannot decode (as timm's ``ImageDataset`` opens them);
+    none for the in-memory datasets (digits, CIFAR)."""
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if samples is None:
+        return []
+    unreadable = []
+    for path, _ in samples:
+        try:
+            with Image.open(path) as img:
+                img.convert(getattr(dataset, 'input_img_mode', None) or 'RGB')
+        except (OSError, ValueError, Image.DecompressionBombError):
+            unreadable.append(str(path))
+    return unreadable
+
+
+def check_split(dataset: Dataset, split: str, max_unreadable: float = 0.0) -> List[str]:
+    """Check a split built by :func:`create_dataset` before anything trains or measures on it, and return the
+    unreadable images left out of it.
+
+    Raises :class:`DatasetError` when more than the fraction ``max_unreadable`` of its images cannot be decoded
+    (naming them; ``0``: any unreadable image), or when what remains holds fewer than two classes. Otherwise the
+    unreadable images (of an ImageFolder dataset) are removed from ``dataset``.
+    """
+    unreadable = _unreadable_images(dataset)
+    if len(unreadable) > max_unreadable * len(dataset):
+        shown = ', '.join(unreadable[:3]) + (f' and {len(unreadable) - 3} more' if len(unreadable) > 3 else '')
+        allowed = f'more than {max_unreadable:.2%} of them (--max-unreadable)' if max_unreadable else 'none may be'
+        raise DatasetError(f'{len(unreadable)} of the {len(dataset)} {split} images cannot be read ({allowed}): '
+                           f'{shown}')
+    if unreadable:
+        left_out = set(unreadable)
+        dataset.reader.samples = [s for s in dataset.reader.samples if str(s[0]) not in left_out]
+    present = sorted(set(_labels(dataset)))
+    if len(present) < 2:
+        classes = dataset_classes(dataset)
+        names = ', '.join(classes[label] for label in present) or 'none'
+        raise DatasetError(f'the {split} split holds {len(present)} class ({names}); a classifier needs at '
+                           f'least 2 (an ImageFolder split needs one sub-directory of images per class)')
+    return unreadable
 
 
 def cifar_train_transform(

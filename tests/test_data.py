@@ -6,7 +6,8 @@ import pytest
 import torchvision
 from PIL import Image
 
-from odenet_timm.data import DatasetNotFoundError, DigitsDataset, cifar_train_transform, create_dataset, dataset_classes
+from odenet_timm.data import DatasetError, DatasetNotFoundError, DigitsDataset, check_split, cifar_train_transform, \
+    create_dataset, dataset_classes
 
 
 def test_digits_split_is_fixed_and_documented():
@@ -79,6 +80,40 @@ def test_image_folder(tmp_path):
         create_dataset(str(tmp_path), split='validation')
     with pytest.raises(DatasetNotFoundError, match='unknown dataset'):
         create_dataset('no/such/thing')
+
+
+def test_image_folder_never_replaces_an_unreadable_image_by_its_neighbour(tmp_path):
+    """timm's ImageDataset returns the next sample instead of an unreadable one (a log line only); here reading it is
+    an error, check_split names it, and leaves it out of a training split only below the allowed fraction."""
+    for cls in ('cat', 'dog'):
+        (tmp_path / 'train' / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new('RGB', (32, 32), (10 * i, 20, 30)).save(tmp_path / 'train' / cls / f'{i}.png')
+    bad = tmp_path / 'train/dog/2.png'
+    bad.write_bytes(bad.read_bytes()[:50])
+    ds = create_dataset(str(tmp_path), split='train')
+    index = [str(path) for path, _ in ds.reader.samples].index(str(bad))
+    with pytest.raises(RuntimeError):
+        ds[index]
+    with pytest.raises(DatasetError, match=f'^1 of the 8 validation images cannot be read \\(none may be\\): {bad}$'):
+        check_split(ds, 'validation')
+    with pytest.raises(DatasetError, match=r'1 of the 8 train images cannot be read \(more than 10.00% of them'):
+        check_split(ds, 'train', max_unreadable=0.1)
+    assert len(ds) == 8  # a refused split is left as it was
+    assert check_split(ds, 'train', max_unreadable=0.125) == [str(bad)]
+    assert len(ds) == 7 and str(bad) not in [str(path) for path, _ in ds.reader.samples]
+    assert [ds[i][1] for i in range(7)] == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_check_split_refuses_fewer_than_two_classes(tmp_path):
+    assert check_split(DigitsDataset('validation'), 'validation') == []
+    (tmp_path / 'train/only').mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'train/only/a.png')
+    with pytest.raises(DatasetError, match=r'^the train split holds 1 class \(only\); a classifier needs at least 2'):
+        check_split(create_dataset(str(tmp_path), split='train'), 'train')
+    (tmp_path / 'train/only/a.png').unlink()
+    with pytest.raises(DatasetError, match='Found 0 images'):
+        create_dataset(str(tmp_path), split='train')
 
 
 def test_cifar_train_transform_pads_by_reflection_crops_flips_and_normalizes():

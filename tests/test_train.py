@@ -20,7 +20,7 @@ from odenet_timm.models.inresnet import CifarResNet
 from odenet_timm.train import main
 from odenet_timm.train.config import ConfigError, parse_args
 from odenet_timm.train.engine import check_args, create_model
-from odenet_timm.train.run_dir import CheckpointError, check_checkpoint
+from odenet_timm.train.run_dir import CheckpointError, check_checkpoint, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,8 @@ def test_export_reloads_through_timm_with_identical_outputs(family, family_runs)
 def test_resume_is_bit_identical_to_an_uninterrupted_run(family_runs, tmp_path):
     """N epochs in one go == N-1 epochs, killed, then --resume: same weights, EMA, lr, losses.
 
-    The resumed checkpoint loses its RNG states: Accelerate restores them only on a best-effort basis (a file it
-    cannot read is skipped with an INFO log line), so the run must not depend on them — it re-seeds every epoch.
+    The resumed checkpoint holds no RNG state for the process (as one written by fewer processes): Accelerate
+    restores them only on a best-effort basis, so the run must not depend on them — it re-seeds every epoch.
     """
     straight = family_runs['inresnet']
     resumed = tmp_path / 'resumed'
@@ -159,6 +159,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(family_runs, tmp_path):
     for name in (f'checkpoints/checkpoint_{EPOCHS}', 'export', 'export_ema', 'summary.json',
                  f'checkpoints/checkpoint_{EPOCHS - 1}/random_states_0.pkl'):
         shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    write_manifest(resumed / f'checkpoints/checkpoint_{EPOCHS - 1}')
     assert run(*family_args('inresnet', resumed, *STRESS_OPTIONS), '--resume') == 0
 
     for export in ('export', 'export_ema'):
@@ -310,6 +311,10 @@ def test_resume_of_a_corrupt_checkpoint_fails_cleanly(family_runs, tmp_path, cap
     weights.write_bytes(weights.read_bytes()[:1000])
     before = snapshot(output)
     assert run(*_resume_args(output, 'latest')) == 2
+    assert f'{weights} has changed since the checkpoint was written' in capsys.readouterr().err
+    write_manifest(weights.parent)  # a manifest that matches the damage: the load itself fails
+    before = snapshot(output)
+    assert run(*_resume_args(output, 'latest')) == 2
     assert 'cannot resume from' in capsys.readouterr().err
     assert snapshot(output) == before
 
@@ -351,6 +356,9 @@ def test_resume_never_unpickles_code_from_a_tampered_checkpoint(family_runs, tmp
     marker = tmp_path / 'code-ran'
     checkpoint = output / f'checkpoints/checkpoint_{EPOCHS}'
     torch.save({'x': _RunsCodeWhenUnpickled(marker)}, checkpoint / 'custom_checkpoint_1.pkl')
+    with pytest.raises(CheckpointError, match='custom_checkpoint_1.pkl has changed since the checkpoint was written'):
+        check_checkpoint(checkpoint, num_registered=2)
+    write_manifest(checkpoint)  # a tamperer who rewrites the manifest as well
     with pytest.raises(CheckpointError, match='cannot be read as plain tensors'):
         check_checkpoint(checkpoint, num_registered=2)
     assert run(*_resume_args(output, 'latest')) == 2

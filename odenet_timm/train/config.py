@@ -15,8 +15,8 @@ import yaml
 from ..options import ParseYamlKwargs, load_yaml
 
 __all__ = [
-    'ConfigError', 'LATEST', 'RUN_MANAGEMENT_OPTIONS', 'SCHEDULES', 'build_parser', 'parse_args', 'run_identity',
-    'identity_differences',
+    'ConfigError', 'EXTENSIONS_KEY', 'LATEST', 'RUN_MANAGEMENT_OPTIONS', 'SCHEDULES', 'build_parser', 'parse_args',
+    'run_identity', 'identity_differences',
 ]
 
 LATEST = 'latest'
@@ -26,8 +26,12 @@ SCHEDULES = ('multistep', 'cosine', 'constant')
 """timm schedules fully described by this command line (``create_scheduler_v2`` names)."""
 
 RUN_MANAGEMENT_OPTIONS = frozenset({'config', 'output', 'resume', 'overwrite', 'workers', 'data_dir', 'download',
-                                    'keep_checkpoints'})
-"""Options that say where and how a run is executed, not what it computes: they may change on ``--resume``."""
+                                    'keep_checkpoints', 'max_bad_steps', 'max_unreadable'})
+"""Options that say where and how a run is executed, or when it gives up, not what a healthy run computes: they
+may change on ``--resume``."""
+
+EXTENSIONS_KEY = 'epochs_extended'
+"""The key of train_config.json (beside the options) listing the ``--resume --epochs`` extensions of the run."""
 
 
 class ConfigError(ValueError):
@@ -60,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--download', action=argparse.BooleanOptionalAction, default=False,
                        help='download CIFAR into --data-dir when it is not there')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loading processes per process')
+    group.add_argument('--max-unreadable', type=float, default=0.01, metavar='FRACTION',
+                       help='ImageFolder datasets: the fraction of training images that may be unreadable (they are '
+                            'left out and counted in summary.json); more is an error, and so is any unreadable '
+                            'validation image')
 
     group = parser.add_argument_group('Optimization')
     group.add_argument('--epochs', type=int, default=160, metavar='N')
@@ -79,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "parameters (this includes In-ResNet's λ); 'none': weight decay on every parameter "
                             "(the In-ResNet authors' recipe)")
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip the gradient norm')
+    group.add_argument('--max-bad-steps', type=int, default=0, metavar='N',
+                       help='optimizer steps with a non-finite loss that may be skipped in the whole run (no update '
+                            'of weights, optimizer, EMA or schedule; counted in metrics.jsonl). 0: the first one '
+                            'stops the run (exit status 1), keeping the last checkpoint')
     group.add_argument('--bn-momentum', type=float, default=None, metavar='M',
                        help="momentum of every BatchNorm's running statistics (timm's flag; default: the layers' "
                             "own, 0.1). Short, high-lr runs of models with few norm layers need a larger one for "
@@ -113,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--output', metavar='DIR', help='run directory (required)')
     group.add_argument('--resume', nargs='?', const=LATEST, default=None, metavar='CHECKPOINT',
                        help='continue from the latest checkpoint of --output (no value), or from a checkpoint '
-                            'directory / run directory')
+                            'directory / run directory; every option must match the checkpoint\'s, except that '
+                            'a larger --epochs extends the run (the schedule is re-planned over the new total)')
     group.add_argument('--overwrite', action='store_true',
                        help='discard a previous run in --output instead of refusing to start')
     group.add_argument('--keep-checkpoints', type=int, default=0, metavar='N',
@@ -191,8 +204,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def run_identity(options: Dict[str, Any]) -> Dict[str, Any]:
     """The options that define what a run computes (all but :data:`RUN_MANAGEMENT_OPTIONS`) of ``vars(args)``
-    or of a saved ``train_config.json``, as plain JSON values (so that both compare equal)."""
-    return json.loads(json.dumps({k: v for k, v in options.items() if k not in RUN_MANAGEMENT_OPTIONS}))
+    or of a saved ``train_config.json`` (whose :data:`EXTENSIONS_KEY` is a record, not an option), as plain JSON
+    values (so that both compare equal)."""
+    ignored = RUN_MANAGEMENT_OPTIONS | {EXTENSIONS_KEY}
+    return json.loads(json.dumps({k: v for k, v in options.items() if k not in ignored}))
 
 
 def identity_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:

@@ -13,6 +13,17 @@ its number — not on the RNG states, which Accelerate restores only best-effort
 epochs plus a resumed one give the same weights bit for bit (same hardware, thread count and number of
 processes; a checkpoint also continues on another number of processes, then not bit for bit).
 
+Failure: a non-finite loss stops the run at that step (:class:`~.run_dir.NonFiniteError`), before anything
+computed from it is written, so the last checkpoint stays the last good state; ``--max-bad-steps N`` skips up to
+N such optimizer steps in the whole run instead (no weight, optimizer, EMA or schedule update; counted in
+metrics.jsonl and summary.json). Weights that are not finite at the end of an epoch are never checkpointed or
+exported.
+
+Extending a run: ``--resume`` with a larger ``--epochs`` than the checkpoint's run continues it for the extra
+epochs; the timm schedule is re-planned over the new total (as timm's own ``train.py`` does) from the
+checkpoint's epoch, and the extension is recorded in train_config.json (``epochs_extended``) and in the
+metrics line of the first extra epoch.
+
 Batch size: ``--batch-size`` is the number of samples per optimizer step over all processes (the papers' batch
 size), so a recipe means the same on one CPU and on eight GPUs. The data loader yields ``batch_size / grad_accum``
 samples per micro-batch, which Accelerate splits between the processes (``split_batches=True``).
@@ -41,30 +52,34 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import list_models
-from ..data import DatasetNotFoundError, cifar_train_transform, create_dataset, dataset_classes
-from .config import ConfigError, identity_differences, parse_args, run_identity
-from .run_dir import CheckpointError, OutputDirError, RunDirectory, check_checkpoint, checkpoint_epoch, \
-    write_json_atomic
+from ..data import DatasetError, DatasetNotFoundError, check_split, cifar_train_transform, create_dataset, \
+    dataset_classes
+from .config import EXTENSIONS_KEY, ConfigError, identity_differences, parse_args, run_identity
+from .run_dir import CheckpointError, NonFiniteError, OutputDirError, RunDirectory, check_checkpoint, \
+    check_finite, checkpoint_epoch, write_json_atomic
 
 __all__ = ['TrainingProgress', 'Trainer', 'train', 'main', 'epoch_seed', 'model_diagnostics']
 
-INPUT_ERRORS = (ConfigError, CheckpointError, OutputDirError, DatasetNotFoundError)
+INPUT_ERRORS = (ConfigError, CheckpointError, OutputDirError, DatasetNotFoundError, DatasetError)
 """Errors caused by what the user asked for; the CLI reports them in one line instead of a traceback."""
 
 
 class TrainingProgress:
-    """Epochs completed and optimizer updates made: the counter saved in (and restored from) every checkpoint."""
+    """Epochs completed, optimizer updates made and non-finite steps skipped: the counter saved in (and restored
+    from) every checkpoint."""
 
     def __init__(self):
         self.epoch = 0
         self.num_updates = 0
+        self.skipped_steps = 0
 
     def state_dict(self) -> Dict[str, int]:
-        return {'epoch': self.epoch, 'num_updates': self.num_updates}
+        return {'epoch': self.epoch, 'num_updates': self.num_updates, 'skipped_steps': self.skipped_steps}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.epoch = int(state['epoch'])
         self.num_updates = int(state['num_updates'])
+        self.skipped_steps = int(state.get('skipped_steps', 0))  # absent from checkpoints of older versions
 
 
 def epoch_seed(seed: int, epoch: int, process_index: int) -> int:
@@ -91,8 +106,11 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ('epochs', 'batch_size', 'grad_accum'):
         if getattr(args, name) < 1:
             raise ConfigError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
-    if args.workers < 0 or args.keep_checkpoints < 0:
-        raise ConfigError('--workers and --keep-checkpoints cannot be negative')
+    if args.workers < 0 or args.keep_checkpoints < 0 or args.max_bad_steps < 0:
+        raise ConfigError('--workers, --keep-checkpoints and --max-bad-steps cannot be negative')
+    if not 0 <= args.max_unreadable <= 1:
+        raise ConfigError(f'--max-unreadable is a fraction of the training images, in [0, 1], got '
+                          f'{args.max_unreadable}')
     if args.batch_size % args.grad_accum:
         raise ConfigError(f'--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}')
     if args.bn_momentum is not None and not 0 < args.bn_momentum <= 1:
@@ -167,8 +185,10 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         check_args(args)
         self.run_dir = RunDirectory(args.output)
+        self.run_dir.check_writable()
         self.resume_from = self.run_dir.resolve_resume(args.resume, args.overwrite)
-        saved_config = check_checkpoint(self.resume_from, 3 if args.model_ema else 2) if self.resume_from else None
+        saved_config, verified = (check_checkpoint(self.resume_from, 3 if args.model_ema else 2)
+                                  if self.resume_from else (None, True))
         self.accelerator = accelerator = Accelerator(
             mixed_precision=args.amp,
             gradient_accumulation_steps=args.grad_accum,
@@ -178,11 +198,21 @@ class Trainer:
         if accelerator.mixed_precision == 'fp16' and not accelerator.native_amp:
             raise ConfigError(f'fp16 mixed precision needs a GPU; on {accelerator.device.type} Accelerate would '
                               f'silently train in float32 (use --amp bf16 or --amp no)')
+        if not verified and accelerator.is_main_process:
+            print(f'train.py: WARNING: {self.resume_from} has no SHA256SUMS manifest (checkpoints of older versions '
+                  f'have none), so its files cannot be checked for corruption; resuming it unverified',
+                  file=sys.stderr)
         micro_batch = micro_batch_size(args, accelerator.num_processes)
         with accelerator.main_process_first():  # only one process downloads
             train_set = create_dataset(args.dataset, args.data_dir, 'train', args.download)
             eval_set = create_dataset(args.dataset, args.data_dir, 'validation', args.download)
+        self.unreadable_train_images = check_split(train_set, 'train', args.max_unreadable)
+        check_split(eval_set, 'validation')
         self.class_names = dataset_classes(train_set)
+        if dataset_classes(eval_set) != self.class_names:
+            raise DatasetError(f'the validation classes of {args.dataset} ({", ".join(dataset_classes(eval_set))}) '
+                               f'are not the training classes ({", ".join(self.class_names)}): their labels would '
+                               f'not match')
         self.args = args = self._resolve(args, saved_config)
 
         set_seed(args.seed)  # the same initial weights on every process
@@ -218,6 +248,11 @@ class Trainer:
             self._resume()
         self._start_run_dir()
 
+    @property
+    def run_config(self) -> Dict[str, Any]:
+        """What train_config.json records: every option, and the extensions of ``--epochs`` so far."""
+        return {**vars(self.args), EXTENSIONS_KEY: self.epochs_extended}
+
     def _resolve(self, args: argparse.Namespace, saved_config: Optional[Dict[str, Any]]) -> argparse.Namespace:
         """``args`` with the values this run resolved (classes from the dataset, Accelerate's mixed precision),
         so that train_config.json says what actually runs; checked against the checkpoint's when resuming."""
@@ -227,12 +262,28 @@ class Trainer:
                               f'{args.dataset}')
         args = argparse.Namespace(**{**vars(args), 'num_classes': num_classes,
                                      'amp': self.accelerator.mixed_precision})
+        self.epochs_extended, self.extension = [], None
         if saved_config is not None:
-            differences = identity_differences(run_identity(saved_config), run_identity(vars(args)))
-            if differences:
-                raise CheckpointError(f'{self.resume_from} belongs to a run with other settings; continuing it would '
-                                      f'mix two recipes: ' + '; '.join(differences))
+            self._continue_run(saved_config, args)
         return args
+
+    def _continue_run(self, saved_config: Dict[str, Any], args: argparse.Namespace) -> None:
+        """Refuse to continue a checkpoint of other settings: only a larger ``--epochs`` may differ, which extends
+        the run (recorded in :attr:`extension` and appended to the run's :attr:`epochs_extended`)."""
+        saved, current = run_identity(saved_config), run_identity(vars(args))
+        self.epochs_extended = list(saved_config.get(EXTENSIONS_KEY, []))
+        if current['epochs'] > saved.get('epochs', current['epochs']):
+            self.extension = {'at_epoch': checkpoint_epoch(self.resume_from), 'from_epochs': saved['epochs'],
+                              'to_epochs': current['epochs']}
+            saved['epochs'] = current['epochs']
+        differences = identity_differences(saved, current)
+        if differences:
+            hint = ' (--epochs can grow, to extend a run, but not shrink)' if any(
+                d.startswith('epochs:') for d in differences) else ''
+            raise CheckpointError(f'{self.resume_from} belongs to a run with other settings; continuing it would '
+                                  f'mix two recipes: ' + '; '.join(differences) + hint)
+        if self.extension:
+            self.epochs_extended.append(self.extension)
 
     def _loaders(self, model: nn.Module, train_set, eval_set, micro_batch: int):
         """The train / validation loaders, with the transforms of ``model``'s data config (set on the datasets,
@@ -261,7 +312,7 @@ class Trainer:
             self.run_dir.root.mkdir(parents=True, exist_ok=True)
             if self.args.overwrite:
                 self.run_dir.clear()
-            write_json_atomic(self.run_dir.config_path, vars(self.args))
+            write_json_atomic(self.run_dir.config_path, self.run_config)
         self.accelerator.wait_for_everyone()
 
     # -- checkpoints --------------------------------------------------------------------------------------------
@@ -279,6 +330,7 @@ class Trainer:
         models.clear()  # loaded here; Accelerate must not load it again
 
     def _resume(self) -> None:
+        planned = self.scheduler.state_dict()  # the schedule over this run's --epochs
         try:
             self.accelerator.load_state(str(self.resume_from))
         except Exception as e:  # a corrupt file or weights of another shape: nothing has been written yet
@@ -287,37 +339,73 @@ class Trainer:
             raise CheckpointError(f'{self.resume_from} records {self.progress.epoch} completed epochs, not '
                                   f'{checkpoint_epoch(self.resume_from)} as its name says')
         self.accelerator.print(f'resumed from {self.resume_from} (epoch {self.progress.epoch})')
+        if self.extension:  # the checkpoint's scheduler plans the old total: plan the new one from here
+            self.scheduler.load_state_dict(planned)
+            self.scheduler.step(self.progress.epoch)
+            self.accelerator.print(
+                f'extending the run from {self.extension["from_epochs"]} to {self.extension["to_epochs"]} epochs: '
+                f'the {self.args.sched} schedule is re-planned over {self.extension["to_epochs"]} epochs from epoch '
+                f'{self.progress.epoch} (lr now {_current_lr(self.optimizer):.4g})')
 
     # -- one epoch ----------------------------------------------------------------------------------------------
+    def _check_loss(self, loss: torch.Tensor, epoch: int, micro_step: int, step_is_bad: bool) -> bool:
+        """Whether ``loss`` is finite on every process. A non-finite one starts a skipped step, counted against
+        ``--max-bad-steps``; beyond it, :class:`NonFiniteError` names the epoch, the step and the loss."""
+        losses = self.accelerator.gather(loss.detach().float().reshape(1))
+        if bool(torch.isfinite(losses).all()):
+            return True
+        if not step_is_bad:  # the first non-finite micro-batch of this optimizer step
+            self.progress.skipped_steps += 1
+        if self.progress.skipped_steps > self.args.max_bad_steps:
+            steps = math.ceil(len(self.train_loader) / self.args.grad_accum)
+            bad_value = losses[~torch.isfinite(losses)][0].item()
+            budget = (f'; {self.progress.skipped_steps} non-finite steps, more than --max-bad-steps '
+                      f'{self.args.max_bad_steps}' if self.args.max_bad_steps else '')
+            raise NonFiniteError(f'epoch {epoch + 1}, step {micro_step // self.args.grad_accum + 1}/{steps}: the '
+                                 f'training loss is {bad_value}{budget}; training stopped ({self._last_good()})')
+        return False
+
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
-        """One pass over the training set; the mean loss over processes and the lr of the epoch's last update."""
+        """One pass over the training set; the mean loss over processes (of the finite steps), the lr of the
+        epoch's last update and the number of non-finite steps skipped."""
         accelerator, args = self.accelerator, self.args
         bare = accelerator.unwrap_model(self.model)
         self.model.train()
         loss_meter = AverageMeter()
+        skipped_before = self.progress.skipped_steps
+        step_is_bad = False  # a micro-batch of the current optimizer step had a non-finite loss
         bar = tqdm(self.train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False, dynamic_ncols=True,
                    disable=None if accelerator.is_main_process else True)  # None: off when not a terminal
-        for inputs, targets in bar:
+        for micro_step, (inputs, targets) in enumerate(bar):
             if self.mixup is not None:
                 inputs, targets = self.mixup(inputs, targets)
             with accelerator.accumulate(self.model):
                 loss = self.loss_fn(self.model(inputs), targets)
                 if args.smoothness_decay:
                     loss = loss + args.smoothness_decay * bare.smoothness_loss()
-                accelerator.backward(loss)
-                if args.clip_grad is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-                self.optimizer.step()
+                finite = self._check_loss(loss, epoch, micro_step, step_is_bad)
+                step_is_bad = step_is_bad or not finite
+                if finite:
+                    accelerator.backward(loss)
+                    if args.clip_grad is not None and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+                if not step_is_bad:
+                    self.optimizer.step()  # at the end of an accumulation; a skipped step's gradients are dropped
                 self.optimizer.zero_grad()
             if accelerator.sync_gradients:
-                self.progress.num_updates += 1
-                if self.ema is not None:
-                    self.ema.update(bare, step=self.progress.num_updates)
-                self.scheduler.step_update(num_updates=self.progress.num_updates)
-            loss_meter.update(loss.item(), inputs.size(0))
+                if not step_is_bad:
+                    self.progress.num_updates += 1
+                    if self.ema is not None:
+                        self.ema.update(bare, step=self.progress.num_updates)
+                    self.scheduler.step_update(num_updates=self.progress.num_updates)
+                step_is_bad = False
+            if finite:
+                loss_meter.update(loss.item(), inputs.size(0))
             bar.set_postfix(loss=f'{loss_meter.avg:.4f}', lr=f'{_current_lr(self.optimizer):.3g}')
-        mean_loss = accelerator.reduce(torch.tensor(loss_meter.avg, device=accelerator.device), 'mean')
-        return {'lr': _current_lr(self.optimizer), 'train_loss': mean_loss.item()}
+        mean_loss = accelerator.reduce(torch.tensor(loss_meter.avg if loss_meter.count else math.nan,
+                                                    device=accelerator.device), 'mean').item()
+        return {'lr': _current_lr(self.optimizer), 'train_loss': mean_loss if math.isfinite(mean_loss) else None,
+                'skipped_steps': self.progress.skipped_steps - skipped_before}
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module) -> Dict[str, float]:
@@ -344,6 +432,9 @@ class Trainer:
             set_seed(epoch_seed(args.seed, epoch, accelerator.process_index))
             self.train_loader.set_epoch(epoch)
             record = {'epoch': epoch + 1, **self.train_one_epoch(epoch)}
+            self._check_weights(epoch)
+            if self.extension and epoch == self.extension['at_epoch']:
+                record['epochs_extended'] = self.extension
             record.update({f'eval_{k}': v for k, v in self.evaluate(self.model).items()})
             if self.ema is not None:
                 record.update({f'eval_{k}_ema': v for k, v in self.evaluate(self.ema.module).items()})
@@ -354,10 +445,12 @@ class Trainer:
             self.records.append(record)
             if accelerator.is_main_process:
                 self.run_dir.write_metrics(self.records)
-            accelerator.print(f'epoch {record["epoch"]}/{args.epochs}: loss {record["train_loss"]:.4f}, '
+            train_loss = math.nan if record['train_loss'] is None else record['train_loss']  # None: all skipped
+            accelerator.print(f'epoch {record["epoch"]}/{args.epochs}: loss {train_loss:.4f}, '
                               f'eval top-1 {record["eval_top1"]:.2f}%, lr {record["lr"]:.4g}, '
                               f'{record["epoch_time_s"]:.1f}s')
-            self.run_dir.save_checkpoint(accelerator, self.progress.epoch, vars(args), keep=args.keep_checkpoints)
+            self.run_dir.save_checkpoint(accelerator, self.progress.epoch, self.run_config,
+                                         keep=args.keep_checkpoints)
 
         summary = self._summary(time.time() - started)
         accelerator.wait_for_everyone()
@@ -370,6 +463,20 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
+
+    def _check_weights(self, epoch: int) -> None:
+        """Raise :class:`NonFiniteError` when a weight or buffer of the model (or EMA) is not finite after ``epoch``
+        (so that it is neither checkpointed nor evaluated)."""
+        modules = {'model': self.accelerator.unwrap_model(self.model), 'EMA': self.ema.module if self.ema else None}
+        for name, module in modules.items():
+            if module is not None:
+                check_finite(module.state_dict(),
+                             f'epoch {epoch + 1}: training stopped ({self._last_good()}); the {name}')
+
+    def _last_good(self) -> str:
+        """What a run stopped by a non-finite number leaves: its last checkpoint, untouched."""
+        latest = self.run_dir.latest_checkpoint()
+        return f'{latest} is the last good checkpoint, unchanged' if latest else 'no checkpoint was written'
 
     def _summary(self, seconds: float) -> Dict[str, Any]:
         args, records = self.args, self.records
@@ -388,6 +495,10 @@ class Trainer:
             'export': self.run_dir.export_dir.name,
             'export_ema': self.run_dir.export_ema_dir.name if self.ema is not None else None,
             'resumed_from': str(self.resume_from) if self.resume_from else None,
+            EXTENSIONS_KEY: self.epochs_extended,
+            'skipped_steps': self.progress.skipped_steps,
+            'unreadable_train_images': len(self.unreadable_train_images),
+            'unreadable_train_image_files': self.unreadable_train_images,
             'num_processes': self.accelerator.num_processes,
             'mixed_precision': self.accelerator.mixed_precision,
             'wall_time_s': seconds,
@@ -402,10 +513,14 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``train.py``: parse the command line, train, and report bad input in one line (exit status 2)."""
+    """``train.py``: parse the command line, train, and report bad input (exit status 2) or a non-finite loss or
+    weight (exit status 1) in one line."""
     try:
         train(parse_args(argv))
     except INPUT_ERRORS as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 1
     return 0

@@ -7,34 +7,49 @@ DIR/summary.json                   final numbers, written when the run ends
 DIR/checkpoints/checkpoint_N/      Accelerate ``save_state`` after N epochs: model.safetensors (the bare model's
                                    keys, whatever the number of processes), optimizer.bin, custom_checkpoint_K.pkl
                                    (K = 0 progress counter, 1 timm scheduler, 2 EMA), random_states_R.pkl,
-                                   train_config.json
+                                   train_config.json, and SHA256SUMS (the sha256 of every other file)
 DIR/export/, DIR/export_ema/       ``timm.models.save_for_hf(..., safe_serialization=True)``
 ```
 
 Files are written through a temporary file and ``os.replace``; checkpoint and export directories are written
 under a temporary name and renamed into place, so a run killed at any moment leaves only complete checkpoints.
+Every file gets the permissions the umask gives (safetensors writes its files 0600; they are widened to match).
+
+Integrity: safetensors and pickles carry no checksum, so bytes garbled on disk would load as wrong numbers.
+Each checkpoint holds ``SHA256SUMS`` (the ``sha256sum`` format: ``cd checkpoint_N && sha256sum -c SHA256SUMS``
+checks it by hand), written into the checkpoint before it is renamed into place; :func:`check_checkpoint`
+verifies it before anything is read, and refuses a changed, missing or unlisted file. A checkpoint written
+before manifests existed has none: it is resumed after a warning (:func:`verify_manifest` returns False).
 
 Unpickling: ``Accelerator.load_state`` reads optimizer.bin and random_states_R.pkl with ``torch.load(...,
 weights_only=True)``, but the objects registered with ``register_for_checkpointing`` (custom_checkpoint_K.pkl)
 with ``weights_only=False`` — a tampered file would run arbitrary code. :func:`check_checkpoint` therefore loads
 each of those files with ``weights_only=True`` first and refuses the checkpoint unless they hold only tensors
-and plain containers; only then is ``load_state`` called.
+and plain containers; only then is ``load_state`` called. Accelerate skips RNG states it cannot read without a
+word; :func:`check_checkpoint` refuses a ``random_states_R.pkl`` that is not a readable RNG state instead.
 """
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from accelerate.utils import load as accelerate_load
 
 from .config import LATEST
 
-__all__ = ['CheckpointError', 'OutputDirError', 'RunDirectory', 'check_checkpoint', 'checkpoint_epoch',
-           'write_json_atomic', 'CONFIG_NAME']
+__all__ = ['CheckpointError', 'NonFiniteError', 'OutputDirError', 'RunDirectory', 'check_checkpoint',
+           'checkpoint_epoch', 'non_finite_tensors', 'verify_manifest', 'write_json_atomic', 'write_manifest',
+           'CONFIG_NAME', 'MANIFEST_NAME']
 
 CONFIG_NAME = 'train_config.json'
+MANIFEST_NAME = 'SHA256SUMS'
+_RNG_STATE_FILE = re.compile(r'^random_states_\d+\.pkl$')
+_RNG_STATE_KEYS = ('random_state', 'numpy_random_seed', 'torch_manual_seed')
 _CHECKPOINT_NAME = re.compile(r'^checkpoint_(\d+)$')
 _RUN_FILES = (CONFIG_NAME, 'metrics.jsonl', 'summary.json')
 _RUN_DIRS = ('checkpoints', 'export', 'export_ema')
@@ -46,6 +61,26 @@ class OutputDirError(FileExistsError):
 
 class CheckpointError(ValueError):
     """A ``--resume`` checkpoint that is missing, incomplete, corrupt, unsafe, or from a different run."""
+
+
+class NonFiniteError(ArithmeticError):
+    """A non-finite training loss or weight: the run stops before it writes anything computed from it."""
+
+
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(directory: Path) -> None:
+    """Give every file below ``directory`` the mode a plain ``open(..., 'w')`` would (``0o666 & ~umask``):
+    safetensors writes through a private temporary file, mode 0600, which other users of a cluster cannot read."""
+    mode = 0o666 & ~umask()
+    for path in directory.rglob('*'):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -184,6 +219,8 @@ class RunDirectory:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json_atomic(tmp / CONFIG_NAME, config)
+            apply_umask(tmp)
+            write_manifest(tmp)
             replace_dir(tmp, final)
             if keep > 0:
                 for _, old in self.checkpoints()[:-keep]:
@@ -195,23 +232,114 @@ class RunDirectory:
                label_names: List[str]) -> None:
         """``timm.models.save_for_hf(model, directory, safe_serialization=True)`` atomically, with the model
         kwargs (so that ``timm.create_model('local-dir:DIR', pretrained=True)`` rebuilds the same architecture)
-        and the class names."""
+        and the class names. Raises :class:`NonFiniteError` naming the tensors, writing nothing, when a weight
+        or buffer is NaN or infinite."""
         from timm.models import save_for_hf
+        check_finite(model.state_dict(), f'{directory.name} refused')
         tmp = directory.with_name(f'.{directory.name}.tmp')
         shutil.rmtree(tmp, ignore_errors=True)
         save_for_hf(model, str(tmp), model_config={'label_names': list(label_names)}, model_args=dict(model_args),
                     safe_serialization=True)
+        apply_umask(tmp)
         replace_dir(tmp, directory)
 
+    def check_writable(self) -> None:
+        """Raise :class:`OutputDirError` unless the run directory is, or can be created as, a writable directory
+        (probed with a temporary file that is deleted at once; nothing stays behind)."""
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        if not existing.is_dir():
+            what = 'is a file' if existing == self.root else f'lies below {existing}, which is a file'
+            raise OutputDirError(f'--output {self.root} {what}, not a directory')
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as e:
+            raise OutputDirError(f'--output {self.root}: cannot write in {existing} ({e.strerror})') from e
 
-def check_checkpoint(checkpoint: Path, num_registered: int) -> Dict[str, Any]:
-    """Check that ``checkpoint`` is a complete checkpoint of this trainer that is safe to unpickle, and return
-    the options of the run that wrote it. Reads nothing into any model.
+
+def non_finite_tensors(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """The names of the floating-point tensors of ``tensors`` that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`NonFiniteError` (``what``: the tensors named ...) when a tensor of ``tensors`` is not finite."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+        raise NonFiniteError(f'{what}: {len(bad)} of {len(tensors)} tensors hold NaN or infinite values ({shown})')
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(checkpoint: Path) -> List[str]:
+    """The files of ``checkpoint`` (relative POSIX paths, sorted), its manifest excepted."""
+    return sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob('*')
+                  if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Write ``checkpoint/SHA256SUMS``: the sha256 of every other file of ``checkpoint`` (``sha256sum`` format)."""
+    write_text_atomic(checkpoint / MANIFEST_NAME,
+                      ''.join(f'{_sha256(checkpoint / name)}  {name}\n' for name in _checkpoint_files(checkpoint)))
+
+
+def verify_manifest(checkpoint: Path) -> bool:
+    """Check every file of ``checkpoint`` against its ``SHA256SUMS``; False when it has none (a checkpoint
+    written before manifests existed). Raises :class:`CheckpointError` naming the first file that changed, is
+    missing, or is not listed."""
+    manifest = checkpoint / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        lines = [line.split('  ', 1) for line in manifest.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{manifest} is unreadable: {e}') from e
+    if any(len(fields) != 2 for fields in lines):
+        raise CheckpointError(f'{manifest} is corrupt (expected lines of "SHA256  FILE")')
+    listed = {name: digest for digest, name in lines}
+    for name, digest in sorted(listed.items()):
+        if not (checkpoint / name).is_file():
+            raise CheckpointError(f'{checkpoint / name} is missing (listed in {MANIFEST_NAME}); the checkpoint '
+                                  f'is incomplete')
+        if _sha256(checkpoint / name) != digest:
+            raise CheckpointError(f'{checkpoint / name} has changed since the checkpoint was written (its sha256 '
+                                  f'differs from {MANIFEST_NAME}): the file is corrupt or was edited')
+    unlisted = [name for name in _checkpoint_files(checkpoint) if name not in listed]
+    if unlisted:
+        raise CheckpointError(f'{checkpoint / unlisted[0]} is not part of the checkpoint (not in {MANIFEST_NAME})')
+    return True
+
+
+def _check_rng_states(checkpoint: Path) -> None:
+    """Refuse a ``random_states_R.pkl`` that Accelerate would skip without a word (unreadable, or not an RNG
+    state). A missing one is fine: a checkpoint of fewer processes has none for the others, and the training
+    re-seeds every epoch."""
+    for path in sorted(p for p in checkpoint.iterdir() if _RNG_STATE_FILE.match(p.name)):
+        try:
+            states = accelerate_load(path, map_location='cpu')  # as load_state reads it (weights_only)
+        except Exception as e:  # garbled or unsafe
+            first_line = (str(e).splitlines() or [''])[0]
+            raise CheckpointError(f'{path} is not a readable RNG state ({type(e).__name__}: {first_line})') from e
+        if not isinstance(states, dict) or not all(k in states for k in _RNG_STATE_KEYS):
+            raise CheckpointError(f'{path} is not an RNG state (expected the keys {", ".join(_RNG_STATE_KEYS)})')
+
+
+def check_checkpoint(checkpoint: Path, num_registered: int) -> Tuple[Dict[str, Any], bool]:
+    """Check that ``checkpoint`` is a complete, unchanged checkpoint of this trainer that is safe to unpickle,
+    and return the options of the run that wrote it and whether its manifest verified it (False: it has none).
+    Reads nothing into any model.
 
     ``num_registered``: the number of objects registered with ``register_for_checkpointing``
     (``custom_checkpoint_0..num_registered-1.pkl``).
     """
     checkpoint_epoch(checkpoint)
+    verified = verify_manifest(checkpoint)
     config_path = checkpoint / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f'{checkpoint} was not written by odenet_timm\'s train.py (it has no {CONFIG_NAME})')
@@ -230,4 +358,5 @@ def check_checkpoint(checkpoint: Path, num_registered: int) -> Dict[str, Any]:
             raise CheckpointError(
                 f'{checkpoint / name} cannot be read as plain tensors and containers, so it is not unpickled '
                 f'(Accelerate would load it with weights_only=False): {type(e).__name__}: {e}') from e
-    return config
+    _check_rng_states(checkpoint)
+    return config, verified
