@@ -130,6 +130,11 @@ class LeapfrogUnit(AdditiveCoupling):
             scale=-h * h, source_scale=2.0, negate_target=True)
 
 
+def pool_and_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """``x`` 2×2 average-pooled, then zero-padded with ``pad`` channels on each side."""
+    return F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, pad, pad))
+
+
 _UNITS = {'hamiltonian': HamiltonianUnit, 'midpoint': MidPointUnit, 'leapfrog': LeapfrogUnit}
 
 
@@ -156,7 +161,7 @@ class ReversibleStage(nn.ModuleList):
 
     def transition(self, state: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
         """Not invertible: memory-efficient mode keeps its input."""
-        return tuple(F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, self.pad, self.pad)) for x in state)
+        return tuple(pool_and_pad(x, self.pad) for x in state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = x.chunk(2, dim=1) if self.split == 'halves' else (x, x)

@@ -13,6 +13,9 @@ Non-Residual Networks", ICML 2020, arXiv:2006.05749; slides in ``papers/inresnet
 scalar per block; the first block and the two stride-2 transition blocks keep the plain ``f(x) + s(x)``
 (projection shortcut ``s`` where the shape changes), exactly as in the authors' code.
 
+ResNet-1202 (He et al., "Deep Residual Learning for Image Recognition", arXiv:1512.03385, 19.4M parameters) is
+built here as a pre-activation network of the same backbone (200-200-200 basic blocks, 19,423,930 parameters).
+
 Backbone (authors' code, He et al. 2016 pre-activation): stem conv3x3 3→16 without BN/ReLU; three stages
 of widths 16/32/64, strides 1/2/2; basic block BN-ReLU-conv3x3-BN-ReLU-conv3x3 (depth 6n+2) or bottleneck
 BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 to 4× width (depth 9n+2); projection shortcut
@@ -295,10 +298,12 @@ def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> Ci
 
 
 _RESNET_PAPER = 'arXiv:1603.05027'
+_RESNET_1202_PAPER = 'arXiv:1512.03385'  # the 1202-layer CIFAR network comes from the original ResNet paper
 _INRESNET_PAPER = 'arXiv:2006.05749'
 
 default_cfgs = generate_default_cfgs({
     **{f'cifar_resnet_{d}': cifar_cfg(_RESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
+    'cifar_resnet_1202': cifar_cfg(_RESNET_1202_PAPER),
     **{f'inresnet_{d}': cifar_cfg(_INRESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
     'lambda_inresnet_110': cifar_cfg(_INRESNET_PAPER),
     'lambda_inresnet_164': cifar_cfg(_INRESNET_PAPER),
@@ -344,6 +349,13 @@ def cifar_resnet_56(pretrained: bool = False, **kwargs) -> CifarResNet:
 def cifar_resnet_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-110 (18-18-18 basic blocks), ≈1.73M parameters."""
     return _create_cifar_resnet('cifar_resnet_110', pretrained, **dict(_basic(110), **kwargs))
+
+
+@register_model
+def cifar_resnet_1202(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """Pre-activation CIFAR ResNet-1202 (200-200-200 basic blocks, He et al. arXiv:1512.03385), ≈19.4M parameters;
+    ``set_grad_checkpointing()`` trains it storing one tensor per block."""
+    return _create_cifar_resnet('cifar_resnet_1202', pretrained, **dict(_basic(1202), **kwargs))
 
 
 @register_model
