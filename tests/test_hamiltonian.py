@@ -61,6 +61,8 @@ def test_parameter_counts_match_the_paper():
         assert count == 1_801_738 and abs(count - 1.78e6) / 1.78e6 < 0.02
     for name in ('midpoint_26', 'leapfrog_26'):
         assert num_params(timm.create_model(name)) == 535_258
+    assert {'hamiltonian_reg_74', 'hamiltonian_reg_218', 'hamiltonian_inception_74',
+            'hamiltonian_inception_218'} <= set(timm.list_models('hamiltonian_*'))
     # the report's variants: dropout adds no parameter; inception layers have 37·(c/4)² instead of 9·c² weights
     assert num_params(timm.create_model('hamiltonian_reg_74')) == 429_690
     assert num_params(timm.create_model('hamiltonian_reg_218')) == 1_683_034

@@ -30,6 +30,7 @@ def _expected_params(layers, widths, num_classes=10):
 
 
 def test_parameter_counts_match_the_paper():
+    assert timm.list_models('revnet*') == ['revnet_38', 'revnet_110'] and 'cifar_resnet_1202' in timm.list_models()
     revnet_38, revnet_110 = num_params(timm.create_model('revnet_38')), num_params(timm.create_model('revnet_110'))
     assert revnet_38 == 464_858 and abs(revnet_38 - 0.46e6) / 0.46e6 < 0.02
     assert revnet_110 == 1_729_162 and abs(revnet_110 - 1.73e6) / 1.73e6 < 0.02
