@@ -15,12 +15,12 @@ SMALL = dict(layers=(2, 3, 2), widths=(8, 16, 24))
 
 def _expected_params(layers, widths, num_classes=10):
     """A pre-activation basic function ``c_in → c_out`` is BN(c_in) + 9·c_in·c_out + BN(c_out) + 9·c_out²; a unit is
-    F and G on the halves, the first unit of stages 2, 3 with F from the old half width; stem 3·w₀·9 (no BN);
-    head BN(C) + Linear(C → classes)."""
+    F and G on the halves, the first unit of stages 2, 3 with F from the old half width; the network's first F
+    has no BN(c_in); stem 3·w₀·9 + BN(w₀); head BN(C) + Linear(C → classes)."""
     def residual(c_in, c_out):
         return 2 * c_in + 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out
 
-    total = 3 * widths[0] * 9
+    total = 3 * widths[0] * 9 + 2 * widths[0] - widths[0]
     in_half = widths[0] // 2
     for depth, width in zip(layers, widths):
         half = width // 2
@@ -32,8 +32,8 @@ def _expected_params(layers, widths, num_classes=10):
 def test_parameter_counts_match_the_paper():
     assert timm.list_models('revnet*') == ['revnet_38', 'revnet_110'] and 'cifar_resnet_1202' in timm.list_models()
     revnet_38, revnet_110 = num_params(timm.create_model('revnet_38')), num_params(timm.create_model('revnet_110'))
-    assert revnet_38 == 464_858 and abs(revnet_38 - 0.46e6) / 0.46e6 < 0.02
-    assert revnet_110 == 1_729_162 and abs(revnet_110 - 1.73e6) / 1.73e6 < 0.02
+    assert revnet_38 == 464_890 and abs(revnet_38 - 0.46e6) / 0.46e6 < 0.02
+    assert revnet_110 == 1_729_194 and abs(revnet_110 - 1.73e6) / 1.73e6 < 0.02
     assert revnet_38 == _expected_params((3, 3, 3), (32, 64, 112))
     assert revnet_110 == _expected_params((9, 9, 9), (32, 64, 128))
     model = timm.create_model('revnet_110', layers=(1, 4, 2), widths=(12, 20, 28), num_classes=3)
@@ -106,10 +106,10 @@ def test_units_invert_and_a_full_stage_reconstructs_in_float32():
     assert max((a - b).abs().max().item() for a, b in zip(back, state)) < 1e-10
     assert max((a - b).abs().max().item() for a, b in zip(out, state)) > 1e-2
     model = timm.create_model('revnet_110')  # stage 1: 9 reversible units, 18 couplings
-    assert _stage_reconstruction_error(model, torch.float64) < 1e-12
+    assert _stage_reconstruction_error(model, torch.float64) < 1e-10
     # float32: unit steps (no h) let a fresh network's activations grow ~30× over the stage, and the rounding
-    # of the large outputs lands on the small input: ~2e-4 relative (Hamiltonian, h = 0.1: ~1e-7)
-    assert _stage_reconstruction_error(model, torch.float32) < 2e-3
+    # of the large outputs lands on the small input: 4e-4 to 2e-3 relative (Hamiltonian, h = 0.1: ~1e-7)
+    assert _stage_reconstruction_error(model, torch.float32) < 5e-3
     with pytest.raises(ValueError, match='cannot be inverted'):
         invert_sequence(list(model.stages[1]), (torch.zeros(1, 32, 16, 16),) * 2)  # the downsampling unit
 

@@ -38,12 +38,13 @@ __all__ = ['CifarResNet', 'INTERPOLATIONS']
 
 # -- residual functions f_n ---------------------------------------------------------------------------------
 class BasicResidual(nn.Module):
-    """``f(x) = conv3x3(ReLU(BN(conv3x3_stride(ReLU(BN(x))))))`` (pre-activation basic branch)."""
+    """``f(x) = conv3x3(ReLU(BN(conv3x3_stride(ReLU(BN(x))))))`` (pre-activation basic branch);
+    ``pre_act=False`` drops the first BN-ReLU (for an input that has just been through one)."""
     expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_act: bool = True):
         super().__init__()
-        self.bn1 = BatchNormAct2d(in_chs)
+        self.bn1 = BatchNormAct2d(in_chs) if pre_act else nn.Identity()
         self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = BatchNormAct2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)

@@ -10,16 +10,17 @@ the additive coupling::
 inverted exactly by ``x₂ = y₂ − G(y₁)``, ``x₁ = y₁ − F(x₂)``. F and G are pre-activation basic residual
 functions on half the channels, ``BN-ReLU-conv3x3-BN-ReLU-conv3x3`` (no conv bias).
 
-Layout (the paper's Table 1 and the authors' code): stem conv3x3 3→``widths[0]`` (no BN/ReLU: the first F
-begins with BN-ReLU); three stages of units at ``widths`` (RevNet-38: 3-3-3 units at 32-64-112; RevNet-110:
-9-9-9 at 32-64-128); head BN-ReLU-GAP-Linear. The FIRST unit of stages 2 and 3 changes width and resolution
-and is not reversible::
+Layout (the paper's Table 1 and the authors' code): stem conv3x3 3→``widths[0]`` + BN + ReLU (so the
+network's first F starts at its convolution); three stages of units at ``widths`` (RevNet-38: 3-3-3 units at
+32-64-112; RevNet-110: 9-9-9 at 32-64-128); head BN-ReLU-GAP-Linear. The FIRST unit of stages 2 and 3 changes
+width and resolution and is not reversible::
 
     y₁ = P(x₁) + F(x₂),    y₂ = P(x₂) + G(y₁)
 
 where F's first convolution has stride 2 and maps the old half width to the new one, and P is a 2×2 average
-pool followed by symmetric zero-padding of the channels. Counted this way, RevNet-38 has 464,858 parameters
-(paper 0.46M, +1.1%) and RevNet-110 1,729,162 (paper 1.73M).
+pool followed by symmetric zero-padding of the channels. Counted this way, RevNet-38 has 464,890 parameters
+(paper 0.46M, +1.1%) and RevNet-110 1,729,194 (paper 1.73M). (The authors' code also stores the input of the
+first unit of stage 1, although that unit keeps the shape; here it is reversible like the others.)
 
 Memory-efficient training (``memory_efficient=True``, the default): each stage runs through
 :func:`odenet_timm.layers.reversible.reversible_sequence`, which keeps only the stage's output and the input
@@ -42,11 +43,12 @@ __all__ = ['RevNet', 'RevNetUnit', 'RevNetDownsampleUnit']
 
 class RevNetUnit(nn.Sequential):
     """One reversible RevNet unit on the state ``(x₁, x₂)``: ``y₁ = x₁ + F(x₂)``, then ``y₂ = x₂ + G(y₁)``
-    (Gomez et al. 2017, eq. 1), F and G pre-activation basic residual functions on ``channels`` (one half)."""
+    (Gomez et al. 2017, eq. 1), F and G pre-activation basic residual functions on ``channels`` (one half).
+    ``first=True`` (the network's first unit, right after the stem's BN-ReLU) drops F's first BN-ReLU."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, first: bool = False):
         super().__init__()
-        self.f = AdditiveCoupling(BasicResidual(channels, channels), target=0, source=1)
+        self.f = AdditiveCoupling(BasicResidual(channels, channels, pre_act=not first), target=0, source=1)
         self.g = AdditiveCoupling(BasicResidual(channels, channels), target=1, source=0)
 
 
@@ -101,13 +103,13 @@ class RevNet(CifarStagedNet):
         stages = []
         for stage_idx, (depth, width) in enumerate(zip(layers, widths)):
             half = width // 2
-            units = [RevNetUnit(half) for _ in range(depth)]
+            units = [RevNetUnit(half, first=stage_idx == unit_idx == 0) for unit_idx in range(depth)]
             if stage_idx > 0:
                 units[0] = RevNetDownsampleUnit(widths[stage_idx - 1] // 2, half)
             stages.append(ReversibleStage(units, split='halves', memory_efficient=memory_efficient))
 
         super().__init__(
-            stem=ConvStem(in_chans, widths[0], norm=False),
+            stem=ConvStem(in_chans, widths[0], norm=True),
             stages=stages,
             stem_channels=widths[0],
             stage_channels=widths,
@@ -139,13 +141,13 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def revnet_38(pretrained: bool = False, **kwargs) -> RevNet:
-    """RevNet-38: 3-3-3 units, widths 32-64-112, 464,858 parameters (paper 0.46M)."""
+    """RevNet-38: 3-3-3 units, widths 32-64-112, 464,890 parameters (paper 0.46M)."""
     model_args = dict(layers=(3, 3, 3), widths=(32, 64, 112))
     return _create_revnet('revnet_38', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def revnet_110(pretrained: bool = False, **kwargs) -> RevNet:
-    """RevNet-110: 9-9-9 units, widths 32-64-128, 1,729,162 parameters (paper 1.73M)."""
+    """RevNet-110: 9-9-9 units, widths 32-64-128, 1,729,194 parameters (paper 1.73M)."""
     model_args = dict(layers=(9, 9, 9), widths=(32, 64, 128))
     return _create_revnet('revnet_110', pretrained, **dict(model_args, **kwargs))
