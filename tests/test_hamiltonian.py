@@ -8,11 +8,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from odenet_timm.layers.reversible import ReversibleSequenceFunction, invert_sequence
+from odenet_timm.layers.reversible import ReversibleSequenceFunction
 from odenet_timm.models.hamiltonian import (
     HamiltonianUnit, InceptionLayer, LeapfrogUnit, MidPointUnit, SymmetricLayer)
-from reversible_testing import (
-    assert_gradients_equal_plain_autograd, memory_efficient_and_plain, num_params, saved_bytes)
+from model_checks import (
+    assert_gradients_equal_plain_autograd, assert_unit_inverts_in_float64, memory_efficient_and_plain, num_params,
+    saved_bytes, stage_reconstruction_error)
 
 
 def _expected_params(layers, widths, block='hamiltonian', norm='bias', num_classes=10, layer='conv3x3'):
@@ -200,34 +201,14 @@ def test_transition_pools_and_pads_each_entry_symmetrically():
     lambda: HamiltonianUnit(4, 0.7, 'bn', layer='inception'),
 ])
 def test_each_unit_inverts_in_float64(make_unit):
-    unit = make_unit().double().train()  # BN in training mode normalises with the batch statistics
-    state = tuple(torch.randn(3, 4, 8, 8, dtype=torch.float64) for _ in range(2))
-    with torch.no_grad():
-        out = unit(state)
-        back = invert_sequence([unit], out)
-    assert max((a - b).abs().max().item() for a, b in zip(back, state)) < 1e-10
-    assert max((a - b).abs().max().item() for a, b in zip(out, state)) > 1e-2
-
-
-def _stage_reconstruction_error(model, dtype, batch=2):
-    """Relative error of the input of the model's first stage reconstructed from its output."""
-    model = model.to(dtype).eval()
-    stage = model.stages[0]
-    x = model.stem(torch.randn(batch, 3, 32, 32, dtype=dtype))
-    state = x.chunk(2, dim=1)
-    with torch.no_grad():
-        out = state
-        for unit in stage:
-            out = unit(out)
-        back = invert_sequence(list(stage), out)
-    return max(((a - b).norm() / b.norm()).item() for a, b in zip(back, state))
+    assert_unit_inverts_in_float64(make_unit())
 
 
 @pytest.mark.parametrize('model_name', ['hamiltonian_218', 'hamiltonian_inception_218'])
 def test_reconstruction_drift_across_a_full_stage_of_a_218_layer_network(model_name):
     model = timm.create_model(model_name)
-    assert _stage_reconstruction_error(model, torch.float64) < 1e-12
-    assert _stage_reconstruction_error(model, torch.float32) < 1e-5  # 18 units, 36 couplings
+    assert stage_reconstruction_error(model, torch.float64) < 1e-12
+    assert stage_reconstruction_error(model, torch.float32) < 1e-5  # 18 units, 36 couplings
 
 
 # -- memory-efficient mode against plain autograd ----------------------------------------------------------

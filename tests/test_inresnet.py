@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import odenet_timm
 from odenet_timm.models.inresnet import InterpolatedBlock, ResidualSum
+from model_checks import saved_bytes
 
 
 def _num_params(model):
@@ -203,19 +204,6 @@ def test_num_classes_100_and_grad_checkpointing():
 
 
 # -- gradient checkpointing (what makes cifar_resnet_1202 trainable in little memory) -----------------------------
-def _saved_bytes(model, x):
-    """Bytes of the tensors a training forward keeps for backward (a checkpointed block: its input only)."""
-    total = []
-
-    def pack(t):
-        total.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(total)
-
-
 @pytest.mark.parametrize('model_name, kwargs', [
     ('cifar_resnet_1202', dict(layers=(2, 2, 2))),
     ('cifar_resnet_164', dict(layers=(1, 2, 1))),
@@ -242,6 +230,6 @@ def test_grad_checkpointing_keeps_gradients_and_statistics_and_stores_less(model
     for key, change in plain_stats.items():  # BatchNorm statistics updated once per step, not twice
         torch.testing.assert_close(ckpt_stats[key], change, rtol=1e-10, atol=1e-14)
     model.set_grad_checkpointing(False)
-    plain_bytes = _saved_bytes(model, x)
+    plain_bytes = saved_bytes(model, x)
     model.set_grad_checkpointing(True)
-    assert _saved_bytes(model, x) < 0.2 * plain_bytes  # measured 0.11-0.14: one input per block is kept
+    assert saved_bytes(model, x) < 0.2 * plain_bytes  # measured 0.11-0.14: a checkpointed block keeps its input

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from odenet_timm.layers.reversible import invert_sequence
 from odenet_timm.models.revnet import RevNetDownsampleUnit, RevNetUnit
-from reversible_testing import (
-    assert_gradients_equal_plain_autograd, memory_efficient_and_plain, num_params, saved_bytes)
+from model_checks import (
+    assert_gradients_equal_plain_autograd, assert_unit_inverts_in_float64, memory_efficient_and_plain, num_params,
+    saved_bytes, stage_reconstruction_error)
 
 SMALL = dict(layers=(2, 3, 2), widths=(8, 16, 24))
 
@@ -84,32 +85,13 @@ def test_unit_formulas_and_downsampling_unit():
     assert down.f.conv1.stride == (2, 2) and down.f.conv1.in_channels == 4 and down.f.conv1.out_channels == 8
 
 
-def _stage_reconstruction_error(model, dtype):
-    """Relative error of the input of the model's first stage reconstructed from its output (eval mode)."""
-    model = model.to(dtype).eval()
-    stage = model.stages[0]
-    state = model.stem(torch.randn(2, 3, 32, 32, dtype=dtype)).chunk(2, dim=1)
-    with torch.no_grad():
-        out = state
-        for unit in stage:
-            out = unit(out)
-        back = invert_sequence(list(stage), out)
-    return max(((a - b).norm() / b.norm()).item() for a, b in zip(back, state))
-
-
 def test_units_invert_and_a_full_stage_reconstructs_in_float32():
-    unit = RevNetUnit(4).double().train()  # BN in training mode normalises with the batch statistics
-    state = tuple(torch.randn(3, 4, 8, 8, dtype=torch.float64) for _ in range(2))
-    with torch.no_grad():
-        out = unit(state)
-        back = invert_sequence([unit], out)
-    assert max((a - b).abs().max().item() for a, b in zip(back, state)) < 1e-10
-    assert max((a - b).abs().max().item() for a, b in zip(out, state)) > 1e-2
+    assert_unit_inverts_in_float64(RevNetUnit(4))
     model = timm.create_model('revnet_110')  # stage 1: 9 reversible units, 18 couplings
-    assert _stage_reconstruction_error(model, torch.float64) < 1e-10
+    assert stage_reconstruction_error(model, torch.float64) < 1e-10
     # float32: unit steps (no h) let a fresh network's activations grow ~30× over the stage, and the rounding
     # of the large outputs lands on the small input: 4e-4 to 2e-3 relative (Hamiltonian, h = 0.1: ~1e-7)
-    assert _stage_reconstruction_error(model, torch.float32) < 5e-3
+    assert stage_reconstruction_error(model, torch.float32) < 5e-3
     with pytest.raises(ValueError, match='cannot be inverted'):
         invert_sequence(list(model.stages[1]), (torch.zeros(1, 32, 16, 16),) * 2)  # the downsampling unit
 
