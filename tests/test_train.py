@@ -278,6 +278,13 @@ def test_unknown_model_lists_close_names_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
+def test_grad_checkpointing_a_model_cannot_do_is_refused_and_writes_nothing(tmp_path, capsys):
+    args = quick_args(tmp_path / 'out', 'implicit_trapezoid_resnet', 'steps=[1,1,1]')
+    assert run(*args, '--grad-checkpointing') == 2
+    assert '--grad-checkpointing: implicit_trapezoid_resnet does not support gradient checkpointing' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
 def test_missing_dataset_says_how_to_get_it_and_writes_nothing(tmp_path, capsys):
     assert run(*quick_args(tmp_path / 'out'), '--dataset', 'torch/cifar10', '--data-dir', tmp_path / 'data') == 2
     assert 'Pass --download' in capsys.readouterr().err
