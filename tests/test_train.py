@@ -281,7 +281,8 @@ def test_unknown_model_lists_close_names_and_writes_nothing(tmp_path, capsys):
 def test_grad_checkpointing_a_model_cannot_do_is_refused_and_writes_nothing(tmp_path, capsys):
     args = quick_args(tmp_path / 'out', 'implicit_trapezoid_resnet', 'steps=[1,1,1]')
     assert run(*args, '--grad-checkpointing') == 2
-    assert '--grad-checkpointing: implicit_trapezoid_resnet does not support gradient checkpointing' in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert '--grad-checkpointing: implicit_trapezoid_resnet does not support gradient checkpointing' in error
     assert not (tmp_path / 'out').exists()
 
 

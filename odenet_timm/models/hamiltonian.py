@@ -141,7 +141,8 @@ class InceptionLayer(_AdjointPairLayer):
 
     def _paths(self):
         """Per group after the identity: the convolutions in the order K applies them."""
-        return [(self.weight_1x1,), (self.weight_3x3_reduce, self.weight_3x3), (self.weight_5x5_reduce, self.weight_5x5)]
+        return [
+            (self.weight_1x1,), (self.weight_3x3_reduce, self.weight_3x3), (self.weight_5x5_reduce, self.weight_5x5)]
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         identity, *groups = x.chunk(4, dim=1)
