@@ -10,7 +10,8 @@ over rounds is reported together with ratios against a named baseline.
         --baseline cifar_resnet_110 --batch-size 128
 
 A configuration is ``MODEL`` or ``MODEL:key=value,key=value`` (values parsed as YAML: ``false``, ``0.5``,
-``[8,8,8]``), passed as kwargs to ``timm.create_model``.
+``[8,8,8]``), passed as kwargs to ``timm.create_model``, except ``grad_checkpointing=true``, which calls
+``model.set_grad_checkpointing()`` instead (``cifar_resnet_1202:grad_checkpointing=true``).
 
 Time: wall-clock per train step and, beside it, the process's CPU time per train step (all its threads), which
 other processes competing for the cores inflate less than wall time; and the convolution/matmul GFLOP of one
@@ -35,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+GRAD_CHECKPOINTING = 'grad_checkpointing'
+"""The configuration key that is not a model kwarg but turns on ``model.set_grad_checkpointing()``."""
 _TIME_KEYS = ('train_step_ms', 'train_step_cpu_ms', 'train_img_s', 'eval_img_s')
 
 
@@ -75,8 +78,10 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
     import odenet_timm  # noqa: F401  (registers the models)
 
     name, kwargs = parse_spec(spec)
+    model_kwargs = {k: v for k, v in kwargs.items() if k != GRAD_CHECKPOINTING}
     torch.manual_seed(0)
-    model = timm.create_model(name, **kwargs).to(device).train()
+    model = timm.create_model(name, **model_kwargs).to(device).train()
+    model.set_grad_checkpointing(bool(kwargs.get(GRAD_CHECKPOINTING, False)))
     in_chans = model.pretrained_cfg['input_size'][0]
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)

@@ -57,3 +57,15 @@ def test_bench_reports_solver_statistics_of_implicit_models(tmp_path, capsys):
     assert 1 <= solver['forward_iterations_mean'] <= 30 and 0 <= solver['forward_residual_max'] <= 1e-4
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| config |'))
     assert ' forward_iterations_mean ' in header.split('|') and ' backward_iterations_mean ' in header.split('|')
+
+
+def test_grad_checkpointing_is_a_spec_key_not_a_model_kwarg(tmp_path):
+    """A checkpointed ResNet computes more (one more forward of every block) than the same network without."""
+    plain, checkpointed = 'cifar_resnet_20:layers=[1,1,1]', 'cifar_resnet_20:layers=[1,1,1],grad_checkpointing=true'
+    rc = bench_models.main([plain, checkpointed, '--baseline', plain, '--batch-size', '2', '--steps', '1',
+                            '--warmup', '0', '--rounds', '1', '--device', 'cpu', '--json', str(tmp_path / 'b.json')])
+    assert rc == 0
+    rows = {r['config']: r for r in json.loads((tmp_path / 'b.json').read_text())['rows']}
+    assert rows[checkpointed]['params'] == rows[plain]['params']
+    assert rows[checkpointed]['kwargs'] == {'layers': [1, 1, 1], 'grad_checkpointing': True}
+    assert 1.2 < rows[checkpointed]['step_flop_ratio'] < 1.4

@@ -8,25 +8,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from odenet_timm.layers.reversible import ReversibleSequenceFunction, invert_sequence
-from odenet_timm.models.hamiltonian import HamiltonianUnit, LeapfrogUnit, MidPointUnit, SymmetricLayer
+from odenet_timm.layers.reversible import ReversibleSequenceFunction
+from odenet_timm.models.hamiltonian import (
+    HamiltonianUnit, InceptionLayer, LeapfrogUnit, MidPointUnit, SymmetricLayer)
+from model_checks import (
+    assert_gradients_equal_plain_autograd, assert_unit_inverts_in_float64, memory_efficient_and_plain, num_params,
+    saved_bytes, stage_reconstruction_error)
 
 
-def _num_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def _expected_params(layers, widths, block='hamiltonian', norm='bias', num_classes=10):
-    """The arithmetic of docs/models.md#hamiltonian-midpoint-and-leapfrog-networks: a layer is K (9·c²) + b₁, b₂ (c each; 2c each for 'bn': BN affine); the
-    network's first unit drops f's b₁ / BN₁; the first unit of stages 2, 3 runs at the old width; stem
-    3·w₀·9 + BN(w₀); head BN(C) + Linear(C → classes). Hamiltonian layers act on half the width."""
+def _expected_params(layers, widths, block='hamiltonian', norm='bias', num_classes=10, layer='conv3x3'):
+    """The arithmetic of docs/models.md#hamiltonian-midpoint-and-leapfrog-networks: a layer is K (9·c²; inception:
+    1·g² + (1 + 9)·g² + (1 + 25)·g² with g = c/4) + b₁, b₂ (c each; 2c each for 'bn': BN affine); the network's
+    first unit drops f's b₁ / BN₁; the first unit of stages 2, 3 runs at the old width; stem 3·w₀·9 + BN(w₀); head
+    BN(C) + Linear(C → classes). Hamiltonian layers act on half the width."""
     per_norm = 2 if norm == 'bn' else 1
+
+    def kernel(c):
+        return 9 * c * c if layer == 'conv3x3' else 37 * (c // 4) ** 2
 
     def unit(width, first=False):
         if block == 'hamiltonian':
             c = width // 2
-            return 2 * (9 * c * c + 2 * per_norm * c) - (per_norm * c if first else 0)
-        return 9 * width * width + per_norm * width  # F(Y) = Kᵀσ(N(KY)), no pre-norm
+            return 2 * (kernel(c) + 2 * per_norm * c) - (per_norm * c if first else 0)
+        return kernel(width) + per_norm * width  # F(Y) = Kᵀσ(N(KY)), no pre-norm
 
     total = 3 * widths[0] * 9 + 2 * widths[0]
     in_width = widths[0]
@@ -36,14 +40,6 @@ def _expected_params(layers, widths, block='hamiltonian', norm='bias', num_class
     return total + 2 * widths[-1] + widths[-1] * num_classes + num_classes
 
 
-def _pair(model_name, **kwargs):
-    """The same network in memory-efficient and plain mode, float64, identical weights."""
-    rev = timm.create_model(model_name, memory_efficient=True, **kwargs).double()
-    plain = timm.create_model(model_name, memory_efficient=False, **kwargs).double()
-    plain.load_state_dict(rev.state_dict())
-    return rev, plain
-
-
 # A small instance of every variant: 2-3-2 units, widths 8-16-24 (transitions pad each half / entry).
 SMALL = dict(layers=(2, 3, 2), widths=(8, 16, 24))
 VARIANTS = [
@@ -51,19 +47,28 @@ VARIANTS = [
     ('hamiltonian_1202', dict(block_norm='bn')),
     ('midpoint_62', {}),
     ('leapfrog_62', {}),
+    ('hamiltonian_inception_218', {}),
+    ('midpoint_62', dict(layer='inception')),
 ]
 
 
 # -- parameter counts ------------------------------------------------------------------------------------------
 def test_parameter_counts_match_the_paper():
-    assert _num_params(timm.create_model('hamiltonian_74')) == 429_690
-    assert _num_params(timm.create_model('hamiltonian_218')) == 1_683_034
-    assert _num_params(timm.create_model('hamiltonian_1202')) == 9_699_338
+    assert num_params(timm.create_model('hamiltonian_74')) == 429_690
+    assert num_params(timm.create_model('hamiltonian_218')) == 1_683_034
+    assert num_params(timm.create_model('hamiltonian_1202')) == 9_699_338
     for name in ('midpoint_62', 'leapfrog_62'):  # paper 1.78M; full-width layout (module docstring)
-        count = _num_params(timm.create_model(name))
+        count = num_params(timm.create_model(name))
         assert count == 1_801_738 and abs(count - 1.78e6) / 1.78e6 < 0.02
     for name in ('midpoint_26', 'leapfrog_26'):
-        assert _num_params(timm.create_model(name)) == 535_258
+        assert num_params(timm.create_model(name)) == 535_258
+    assert {'hamiltonian_reg_74', 'hamiltonian_reg_218', 'hamiltonian_inception_74',
+            'hamiltonian_inception_218'} <= set(timm.list_models('hamiltonian_*'))
+    # the report's variants: dropout adds no parameter; inception layers have 37·(c/4)² instead of 9·c² weights
+    assert num_params(timm.create_model('hamiltonian_reg_74')) == 429_690
+    assert num_params(timm.create_model('hamiltonian_reg_218')) == 1_683_034
+    assert num_params(timm.create_model('hamiltonian_inception_74')) == 113_826
+    assert num_params(timm.create_model('hamiltonian_inception_218')) == 440_122
 
 
 @pytest.mark.parametrize('model_name, kwargs', [
@@ -72,13 +77,16 @@ def test_parameter_counts_match_the_paper():
     ('hamiltonian_218', dict(layers=(3, 1, 4), widths=(8, 16, 40), block_norm='bn', num_classes=7)),
     ('midpoint_62', dict(layers=(10, 10, 10), widths=(32, 64, 128))),
     ('leapfrog_26', dict(layers=(2, 5, 1), widths=(6, 10, 10), block_norm='bn', num_classes=3)),
+    ('hamiltonian_inception_218', dict(layers=(18, 18, 18), widths=(32, 64, 128))),
+    ('hamiltonian_inception_74', dict(layers=(2, 1, 3), widths=(8, 16, 40), block_norm='bn', num_classes=7)),
+    ('midpoint_26', dict(layers=(2, 2, 2), widths=(8, 16, 24), layer='inception')),
 ])
 def test_parameter_count_arithmetic(model_name, kwargs):
     model = timm.create_model(model_name, **kwargs)
     block = model.block
     expected = _expected_params(kwargs['layers'], kwargs['widths'], block, model.block_norm,
-                                kwargs.get('num_classes', 10))
-    assert _num_params(model) == expected
+                                kwargs.get('num_classes', 10), model.layer)
+    assert num_params(model) == expected
 
 
 def test_defaults_and_bad_arguments():
@@ -98,6 +106,10 @@ def test_defaults_and_bad_arguments():
         timm.create_model('hamiltonian_74', widths=(32, 64, 110))
     with pytest.raises(ValueError, match='one entry per stage'):
         timm.create_model('midpoint_26', layers=(2, 2))
+    with pytest.raises(ValueError, match='layer must be one of'):
+        timm.create_model('hamiltonian_74', layer='conv5x5')
+    with pytest.raises(ValueError, match=r'must be a multiple of 4; got widths \(8, 12, 16\)'):
+        timm.create_model('hamiltonian_inception_74', widths=(8, 12, 16))  # halves 4, 6, 8
 
 
 # -- the layer, the units and their inverses -----------------------------------------------------------------
@@ -110,6 +122,30 @@ def test_transposed_convolution_is_the_true_adjoint():
     # the common port error (swapping the channels without flipping the kernel) is not the adjoint
     wrong = F.conv2d(y, layer.weight.transpose(0, 1), padding=1)
     assert abs((x * wrong).sum() - lhs) > 1e-3 * abs(lhs)
+
+
+def test_inception_layer_is_the_sum_of_its_paths_and_its_transpose_the_true_adjoint():
+    layer = InceptionLayer(8).double()  # groups of 2 channels
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    y = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    groups = x.chunk(4, dim=1)
+    expected = torch.cat([
+        groups[0],
+        F.conv2d(groups[1], layer.weight_1x1),
+        F.conv2d(F.conv2d(groups[2], layer.weight_3x3_reduce), layer.weight_3x3, padding=1),
+        F.conv2d(F.conv2d(groups[3], layer.weight_5x5_reduce), layer.weight_5x5, padding=2),
+    ], dim=1)
+    torch.testing.assert_close(layer.conv(x), expected, rtol=1e-12, atol=1e-12)
+    lhs = (layer.conv(x) * y).sum()
+    torch.testing.assert_close((x * layer.conv_transpose(y)).sum(), lhs, rtol=1e-12, atol=0)
+    with torch.no_grad():
+        layer.norm1.bias.normal_()
+        layer.norm2.bias.normal_()
+    b1, b2 = layer.norm1.bias.view(1, -1, 1, 1), layer.norm2.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(
+        layer(x), layer.conv_transpose(F.relu(layer.conv(x + b1) + b2)), rtol=1e-12, atol=1e-12)
+    assert [tuple(k.shape) for k in layer.kernels()] == [(2, 2, 1, 1), (2, 2, 1, 1), (2, 2, 3, 3), (2, 2, 1, 1),
+                                                         (2, 2, 5, 5)]
 
 
 def test_layer_and_unit_formulas():
@@ -162,56 +198,36 @@ def test_transition_pools_and_pads_each_entry_symmetrically():
     lambda: HamiltonianUnit(4, 0.7, 'bn'),
     lambda: MidPointUnit(4, 0.7, parity=1),
     lambda: LeapfrogUnit(4, 0.7, 'bn', parity=0),
+    lambda: HamiltonianUnit(4, 0.7, 'bn', layer='inception'),
 ])
 def test_each_unit_inverts_in_float64(make_unit):
-    unit = make_unit().double().train()  # BN in training mode normalises with the batch statistics
-    state = tuple(torch.randn(3, 4, 8, 8, dtype=torch.float64) for _ in range(2))
-    with torch.no_grad():
-        out = unit(state)
-        back = invert_sequence([unit], out)
-    assert max((a - b).abs().max().item() for a, b in zip(back, state)) < 1e-10
-    assert max((a - b).abs().max().item() for a, b in zip(out, state)) > 1e-2
+    assert_unit_inverts_in_float64(make_unit())
 
 
-def _stage_reconstruction_error(model, dtype, batch=2):
-    """Relative error of the input of the model's first stage reconstructed from its output."""
-    model = model.to(dtype).eval()
-    stage = model.stages[0]
-    x = model.stem(torch.randn(batch, 3, 32, 32, dtype=dtype))
-    state = x.chunk(2, dim=1)
-    with torch.no_grad():
-        out = state
-        for unit in stage:
-            out = unit(out)
-        back = invert_sequence(list(stage), out)
-    return max(((a - b).norm() / b.norm()).item() for a, b in zip(back, state))
-
-
-def test_reconstruction_drift_across_a_full_stage_of_hamiltonian_218():
-    model = timm.create_model('hamiltonian_218')
-    assert _stage_reconstruction_error(model, torch.float64) < 1e-12
-    assert _stage_reconstruction_error(model, torch.float32) < 1e-5  # 18 units, 36 couplings
+@pytest.mark.parametrize('model_name', ['hamiltonian_218', 'hamiltonian_inception_218'])
+def test_reconstruction_drift_across_a_full_stage_of_a_218_layer_network(model_name):
+    model = timm.create_model(model_name)
+    assert stage_reconstruction_error(model, torch.float64) < 1e-12
+    assert stage_reconstruction_error(model, torch.float32) < 1e-5  # 18 units, 36 couplings
 
 
 # -- memory-efficient mode against plain autograd ----------------------------------------------------------
 @pytest.mark.parametrize('model_name, kwargs', VARIANTS)
 def test_memory_efficient_gradients_equal_plain_autograd(model_name, kwargs):
-    rev, plain = _pair(model_name, **SMALL, **kwargs)
-    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
-    target = torch.randn(3, 10, dtype=torch.float64)
-    results = []
-    for model in (plain, rev):
-        model.train()
-        inp = x.clone().requires_grad_()
-        loss = (model(inp) * target).sum()
-        loss.backward()
-        results.append([inp.grad] + [p.grad for p in model.parameters()])
-    for a, b in zip(results[1], results[0]):
-        assert (a - b).norm() <= 1e-8 * b.norm(), f'relative error {((a - b).norm() / b.norm()).item():.3g}'
+    rev, plain = memory_efficient_and_plain(model_name, **SMALL, **kwargs)
+    # Biases away from their zero init: an inception layer's identity group feeds its input straight into the
+    # ReLU, and where that input is an exact 0 (the stem's ReLU) the kink's subgradient would be decided by
+    # the rounding of the reconstruction (1e-17 instead of 0), not by the backward under test.
+    with torch.no_grad():
+        for name, p in rev.named_parameters():
+            if name.endswith('bias'):
+                p.normal_(0, 0.1)
+    plain.load_state_dict(rev.state_dict())
+    assert_gradients_equal_plain_autograd(rev, plain, torch.randn(3, 3, 8, 8, dtype=torch.float64))
 
 
 def test_batchnorm_statistics_after_one_train_step_are_identical():
-    rev, plain = _pair('hamiltonian_1202', **SMALL)
+    rev, plain = memory_efficient_and_plain('hamiltonian_1202', **SMALL)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 10, (4,))
     for model in (rev, plain):
@@ -235,7 +251,7 @@ def test_memory_efficient_backward_under_module_tracking_flop_counter(model_name
     """FlopCounterMode tracks every module's input gradients; the reversible backward's recomputations run
     inside it. The gradients stay those of plain autograd, and the counted FLOPs show the price: one more forward
     of the units, no more (a convolution's backward costs about two forwards)."""
-    rev, plain = _pair(model_name, **SMALL)
+    rev, plain = memory_efficient_and_plain(model_name, **SMALL)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     flops, grads = [], []
     for model in (plain, rev):
@@ -250,7 +266,7 @@ def test_memory_efficient_backward_under_module_tracking_flop_counter(model_name
 
 @pytest.mark.parametrize('model_name', ['hamiltonian_218', 'leapfrog_62'])
 def test_input_gradient_with_autograd_grad_in_eval_mode(model_name):
-    rev, plain = _pair(model_name, **SMALL)
+    rev, plain = memory_efficient_and_plain(model_name, **SMALL)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     grads = []
     for model in (plain, rev):
@@ -266,7 +282,7 @@ def test_autocast_bfloat16_trains_in_memory_efficient_mode(model_name):
     """bfloat16 gradients differ from float32 ones anyway; the reversible backward (which recomputes under the
     forward's autocast state) must not add much to that error. (BatchNorm in bfloat16 on a tiny batch is
     noisy: 'bn' layers have the larger error, in both modes.)"""
-    rev, plain = (m.float().train() for m in _pair(model_name, **SMALL))
+    rev, plain = (m.float().train() for m in memory_efficient_and_plain(model_name, **SMALL))
     x = torch.randn(4, 3, 8, 8)
 
     def grads(model, autocast):
@@ -300,26 +316,14 @@ def test_no_reversible_graph_without_gradients(monkeypatch):
     assert len(calls) == 3
 
 
-def _saved_bytes(model, x):
-    total = []
-
-    def pack(t):
-        total.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(total)
-
-
 def test_stored_activations_do_not_grow_with_depth():
     x = torch.randn(2, 3, 16, 16)
     shallow = timm.create_model('hamiltonian_218', layers=(2, 2, 2), widths=(8, 16, 24)).train()
     deep = timm.create_model('hamiltonian_218', layers=(6, 6, 6), widths=(8, 16, 24)).train()
-    assert _saved_bytes(deep, x) == _saved_bytes(shallow, x)
+    assert saved_bytes(deep, x) == saved_bytes(shallow, x)
     shallow_plain = timm.create_model('hamiltonian_218', layers=(2, 2, 2), widths=(8, 16, 24),
                                       memory_efficient=False).train()
-    assert _saved_bytes(shallow_plain, x) > 2 * _saved_bytes(shallow, x)
+    assert saved_bytes(shallow_plain, x) > 2 * saved_bytes(shallow, x)
 
 
 def test_gradients_reach_every_parameter_once_under_ddp(tmp_path):
@@ -328,7 +332,7 @@ def test_gradients_reach_every_parameter_once_under_ddp(tmp_path):
     from torch.nn.parallel import DistributedDataParallel
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "rendezvous"}', rank=0, world_size=1)
     try:
-        rev, plain = _pair('hamiltonian_1202', **SMALL)
+        rev, plain = memory_efficient_and_plain('hamiltonian_1202', **SMALL)
         ddp = DistributedDataParallel(rev.train())
         counts = {}
         for name, p in rev.named_parameters():
@@ -381,3 +385,29 @@ def test_smoothness_loss_and_its_gradient():
                     getattr(unit, name).fn.weight.copy_(getattr(stage[-1], name).fn.weight)
     assert model.smoothness_loss().item() == 0.0
     assert timm.create_model('midpoint_26', layers=(1, 1, 1)).smoothness_loss().item() == 0.0
+
+
+# -- the regularized network: dropout before the classifier ---------------------------------------------------
+def test_regularized_network_drops_the_pooled_features_and_keeps_plain_gradients():
+    model = timm.create_model('hamiltonian_reg_218', **SMALL)
+    assert model.drop_rate == 0.4 and isinstance(model.stem.norm, torch.nn.BatchNorm2d)  # BN after the stem conv
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        unpooled = model.eval().forward_features(x)
+        features = model.forward_head(unpooled, pre_logits=True)
+        dropped = model.train().forward_head(unpooled, pre_logits=True)
+    kept = dropped != 0
+    assert 0.5 < kept.float().mean() < 0.7  # dropout with p = 0.4 in training ...
+    torch.testing.assert_close(dropped[kept], features[kept] / 0.6)  # ... scaled by 1 / (1 − p)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), model(x))  # and none in evaluation
+
+    rev, plain = memory_efficient_and_plain('hamiltonian_reg_218', **SMALL)
+    inp = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for net in (plain, rev):
+        torch.manual_seed(5)  # the same dropout mask in both
+        net.train()(inp).square().sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(grads[1], grads[0]):
+        assert (a - b).norm() <= 1e-8 * b.norm()

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d, create_classifier
 from timm.models._features import feature_take_indices
-from timm.models import checkpoint_seq
+
+from odenet_timm.layers.checkpoint import checkpoint_blocks
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CheckpointMismatchError', 'cifar_cfg', 'init_weights_cifar_', 'ConvStem',
@@ -245,7 +246,8 @@ class CifarStagedNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block (each stage, where a stage is not a sequence of blocks) in backward."""
+        """Recompute each block (each stage, where a stage is not a sequence of blocks) in backward, BatchNorm
+        statistics updated once per step (:func:`odenet_timm.layers.checkpoint.checkpoint_blocks`)."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -312,10 +314,9 @@ class CifarStagedNet(nn.Module):
         self.check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            # checkpoint_seq(flatten=True) would iterate INTO any iterable stage (a ModuleList of units that
-            # only works as a whole); expand only the stages that are sequences of blocks.
+            # Expand only the stages that are sequences of blocks: a ModuleList stage of units works only as a whole.
             blocks = [b for s in self.stages for b in (s if isinstance(s, nn.Sequential) else (s,))]
-            x = checkpoint_seq(blocks, x)
+            x = checkpoint_blocks(blocks, x)
         else:
             x = self.stages(x)
         return self.norm(x)

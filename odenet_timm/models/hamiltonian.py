@@ -31,6 +31,13 @@ MidPoint / Leapfrog parameter counts: this full-width layout gives 1,801,738 par
 networks (the paper reports 1.78M, +1.2%) and 535,258 for the 4-4-4 networks (paper 0.50M, +7%); the
 paper does not say where its smaller count comes from, so we keep the natural layout.
 
+The reversible Hamiltonian report's improvements, as kwargs and registered names: the regularized network
+(``hamiltonian_reg_*``: dropout 0.4 before the classifier, ``drop_rate``; the stem already ends in BatchNorm, which
+the report also adds) and the Hamiltonian-Inception layer (``layer='inception'``, ``hamiltonian_inception_*``,
+:class:`InceptionLayer`), whose K is a sum of 1×1, 1×1→3×3 and 1×1→5×5 paths on channel groups, so that the
+layer is still ``Kᵀσ(K·)`` and the unit reversible. The dropout acts on the pooled features, outside every
+reversible stage, so nothing random is recomputed.
+
 Memory-efficient training (``memory_efficient=True``, the default): each stage runs through
 :func:`odenet_timm.layers.reversible.reversible_sequence`, which keeps only the stage's final state and the
 input of its transition and reconstructs every unit's input in backward. ``smoothness_loss()`` gives the
@@ -48,7 +55,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from odenet_timm.layers.reversible import AdditiveCoupling, reversible_sequence
 from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_
 
-__all__ = ['HamiltonianNet', 'SymmetricLayer', 'HamiltonianUnit', 'MidPointUnit', 'LeapfrogUnit']
+__all__ = ['HamiltonianNet', 'SymmetricLayer', 'InceptionLayer', 'HamiltonianUnit', 'MidPointUnit', 'LeapfrogUnit']
 
 
 # -- the layer F(x) = Kᵀσ(N₂(K·N₁(x))) -------------------------------------------------------------------------
@@ -66,31 +73,107 @@ class ChannelBias(nn.Module):
 _NORMS = {'bias': ChannelBias, 'bn': nn.BatchNorm2d}
 
 
-class SymmetricLayer(nn.Module):
-    """``F(x) = Kᵀ σ(N₂(K · N₁(x)))`` (Chang et al. 2018, eq. 5): K a 3×3 convolution ``c → c`` without bias,
-    Kᵀ its adjoint with the SAME weight (``conv_transpose2d``, so ``⟨Kx, y⟩ = ⟨x, Kᵀy⟩``), σ = ReLU.
-
-    ``norm='bias'``: ``N₁(x) = x + b₁``, ``N₂(u) = u + b₂``; ``norm='bn'``: ``N₁ = BN₁``, ``N₂ = BN₂``.
-    ``pre_norm=False`` drops N₁. K starts N(0, sqrt(2 / (9·c))), like the CIFAR ResNet convolutions.
-    """
+class _AdjointPairLayer(nn.Module):
+    """``F(x) = Kᵀ σ(N₂(K · N₁(x)))`` for a linear operator K given by :meth:`conv` and its adjoint
+    :meth:`conv_transpose` sharing K's weights; σ = ReLU. ``norm='bias'``: ``N₁(x) = x + b₁``,
+    ``N₂(u) = u + b₂``; ``norm='bn'``: ``N₁ = BN₁``, ``N₂ = BN₂``. ``pre_norm=False`` drops N₁."""
 
     def __init__(self, channels: int, norm: str = 'bias', pre_norm: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
-        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (9 * channels)))
         self.norm1 = _NORMS[norm](channels) if pre_norm else nn.Identity()
         self.norm2 = _NORMS[norm](channels)
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """``K x``."""
-        return F.conv2d(x, self.weight, padding=1)
+        raise NotImplementedError
 
     def conv_transpose(self, u: torch.Tensor) -> torch.Tensor:
         """``Kᵀ u``."""
-        return F.conv_transpose2d(u, self.weight, padding=1)
+        raise NotImplementedError
+
+    def kernels(self) -> List[torch.Tensor]:
+        """The weights that make up K (what the smoothness decay compares between consecutive units)."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_transpose(F.relu(self.norm2(self.conv(self.norm1(x))), inplace=True))
+
+
+class SymmetricLayer(_AdjointPairLayer):
+    """``F(x) = Kᵀ σ(N₂(K · N₁(x)))`` (Chang et al. 2018, eq. 5): K a 3×3 convolution ``c → c`` without bias,
+    Kᵀ its adjoint with the SAME weight (``conv_transpose2d``, so ``⟨Kx, y⟩ = ⟨x, Kᵀy⟩``), σ = ReLU.
+    K starts N(0, sqrt(2 / (9·c))), like the CIFAR ResNet convolutions.
+    """
+
+    def __init__(self, channels: int, norm: str = 'bias', pre_norm: bool = True):
+        super().__init__(channels, norm, pre_norm)
+        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (9 * channels)))
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, padding=1)
+
+    def conv_transpose(self, u: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(u, self.weight, padding=1)
+
+    def kernels(self) -> List[torch.Tensor]:
+        return [self.weight]
+
+
+class InceptionLayer(_AdjointPairLayer):
+    """The Hamiltonian-Inception layer ``F(x) = Kᵀ σ(N₂(K · N₁(x)))`` (the reversible Hamiltonian report's
+    improvement of Chang et al. 2018, arXiv:1709.03698): K splits its input into four channel groups and maps
+    them by the identity, a 1×1 convolution, 1×1 then 3×3, and 1×1 then 5×5 (each group ``c/4 → c/4``,
+    no bias), concatenated. K is linear, so ``Kᵀ`` (the same split, the transposed convolutions in reverse
+    order, SAME weights) is its true adjoint and the unit stays ``Kᵀσ(K·)``: reversible and stable like the
+    3×3 layer, with ``37·(c/4)²`` instead of ``9·c²`` weights.
+    """
+
+    def __init__(self, channels: int, norm: str = 'bias', pre_norm: bool = True):
+        super().__init__(channels, norm, pre_norm)
+        if channels % 4:
+            raise ValueError(f'the inception layer splits its input into 4 groups: channels must be a multiple of 4, '
+                             f'got {channels}')
+        group = channels // 4
+        self.weight_1x1 = _kernel(group, 1)
+        self.weight_3x3_reduce, self.weight_3x3 = _kernel(group, 1), _kernel(group, 3)
+        self.weight_5x5_reduce, self.weight_5x5 = _kernel(group, 1), _kernel(group, 5)
+
+    def _paths(self):
+        """Per group after the identity: the convolutions in the order K applies them."""
+        return [
+            (self.weight_1x1,), (self.weight_3x3_reduce, self.weight_3x3), (self.weight_5x5_reduce, self.weight_5x5)]
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        identity, *groups = x.chunk(4, dim=1)
+        outs = [identity]
+        for u, path in zip(groups, self._paths()):
+            for weight in path:
+                u = F.conv2d(u, weight, padding=weight.shape[-1] // 2)
+            outs.append(u)
+        return torch.cat(outs, dim=1)
+
+    def conv_transpose(self, u: torch.Tensor) -> torch.Tensor:
+        identity, *groups = u.chunk(4, dim=1)
+        outs = [identity]
+        for v, path in zip(groups, self._paths()):
+            for weight in reversed(path):
+                v = F.conv_transpose2d(v, weight, padding=weight.shape[-1] // 2)
+            outs.append(v)
+        return torch.cat(outs, dim=1)
+
+    def kernels(self) -> List[torch.Tensor]:
+        return [w for path in self._paths() for w in path]
+
+
+def _kernel(channels: int, size: int) -> nn.Parameter:
+    """A ``channels → channels`` convolution weight of ``size×size``, N(0, sqrt(2 / (size²·channels)))."""
+    weight = nn.Parameter(torch.empty(channels, channels, size, size))
+    nn.init.normal_(weight, 0.0, math.sqrt(2.0 / (size * size * channels)))
+    return weight
+
+
+_LAYERS = {'conv3x3': SymmetricLayer, 'inception': InceptionLayer}
 
 
 # -- units: reversible steps on the state tuple ------------------------------------------------------------------
@@ -101,12 +184,14 @@ class HamiltonianUnit(nn.Sequential):
         g:  Z ← Z − h · K₂ᵀ σ(N(K₂ Y))     (with the Y just updated)
 
     ``channels`` is the width of one half. ``first=True`` (the network's first unit) drops f's pre-norm.
+    ``layer``: ``'conv3x3'`` (:class:`SymmetricLayer`) or ``'inception'`` (:class:`InceptionLayer`).
     """
 
-    def __init__(self, channels: int, h: float, norm: str = 'bias', first: bool = False):
+    def __init__(self, channels: int, h: float, norm: str = 'bias', first: bool = False, layer: str = 'conv3x3'):
+        layer_cls = _LAYERS[layer]
         super().__init__(OrderedDict(
-            f=AdditiveCoupling(SymmetricLayer(channels, norm, pre_norm=not first), target=0, source=1, scale=h),
-            g=AdditiveCoupling(SymmetricLayer(channels, norm), target=1, source=0, scale=-h),
+            f=AdditiveCoupling(layer_cls(channels, norm, pre_norm=not first), target=0, source=1, scale=h),
+            g=AdditiveCoupling(layer_cls(channels, norm), target=1, source=0, scale=-h),
         ))
 
 
@@ -115,19 +200,24 @@ class MidPointUnit(AdditiveCoupling):
     state. The pair is not swapped: step ``j`` overwrites entry ``parity = j mod 2`` (holding ``Y_{j−1}``)
     from entry ``1 − parity`` (holding ``Y_j``)."""
 
-    def __init__(self, channels: int, h: float, norm: str = 'bias', parity: int = 0):
+    def __init__(self, channels: int, h: float, norm: str = 'bias', parity: int = 0, layer: str = 'conv3x3'):
         super().__init__(
-            SymmetricLayer(channels, norm, pre_norm=False), target=parity, source=1 - parity, scale=2 * h)
+            _LAYERS[layer](channels, norm, pre_norm=False), target=parity, source=1 - parity, scale=2 * h)
 
 
 class LeapfrogUnit(AdditiveCoupling):
     """One Leapfrog step ``Y_{j+1} = 2 Y_j − Y_{j−1} − h² · Kᵀσ(N(K Y_j))`` (Chang et al. 2018, eq. 10) on
     the pair state, laid out as :class:`MidPointUnit`."""
 
-    def __init__(self, channels: int, h: float, norm: str = 'bias', parity: int = 0):
+    def __init__(self, channels: int, h: float, norm: str = 'bias', parity: int = 0, layer: str = 'conv3x3'):
         super().__init__(
-            SymmetricLayer(channels, norm, pre_norm=False), target=parity, source=1 - parity,
+            _LAYERS[layer](channels, norm, pre_norm=False), target=parity, source=1 - parity,
             scale=-h * h, source_scale=2.0, negate_target=True)
+
+
+def pool_and_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """``x`` 2×2 average-pooled, then zero-padded with ``pad`` channels on each side."""
+    return F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, pad, pad))
 
 
 _UNITS = {'hamiltonian': HamiltonianUnit, 'midpoint': MidPointUnit, 'leapfrog': LeapfrogUnit}
@@ -156,7 +246,7 @@ class ReversibleStage(nn.ModuleList):
 
     def transition(self, state: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
         """Not invertible: memory-efficient mode keeps its input."""
-        return tuple(F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, self.pad, self.pad)) for x in state)
+        return tuple(pool_and_pad(x, self.pad) for x in state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = x.chunk(2, dim=1) if self.split == 'halves' else (x, x)
@@ -176,6 +266,8 @@ class HamiltonianNet(CifarStagedNet):
         block: ``'hamiltonian'``, ``'midpoint'`` or ``'leapfrog'``.
         h: step size of the discretisation.
         block_norm: ``'bias'`` or ``'bn'`` (normalisation inside every layer, see the module docstring).
+        layer: K of every layer: ``'conv3x3'`` (the paper's) or ``'inception'`` (the Hamiltonian-Inception
+            layer, :class:`InceptionLayer`; every layer's width a multiple of 4).
         memory_efficient: reconstruct activations in backward instead of storing them.
     """
 
@@ -186,6 +278,7 @@ class HamiltonianNet(CifarStagedNet):
             block: str = 'hamiltonian',
             h: float = 0.1,
             block_norm: str = 'bias',
+            layer: str = 'conv3x3',
             memory_efficient: bool = True,
             num_classes: int = 10,
             in_chans: int = 3,
@@ -196,6 +289,8 @@ class HamiltonianNet(CifarStagedNet):
             raise ValueError(f'block must be one of {sorted(_UNITS)}, got {block!r}')
         if block_norm not in _NORMS:
             raise ValueError(f'block_norm must be one of {sorted(_NORMS)}, got {block_norm!r}')
+        if layer not in _LAYERS:
+            raise ValueError(f'layer must be one of {sorted(_LAYERS)}, got {layer!r}')
         check_kwarg_types(type(self).__name__, layers=(layers, 'stage_ints'), widths=(widths, 'stage_ints'),
                           h=(h, 'number'), memory_efficient=(memory_efficient, 'bool'))
         h = float(h)
@@ -213,6 +308,11 @@ class HamiltonianNet(CifarStagedNet):
                 raise ValueError(
                     f'stage widths must not decrease and grow by a multiple of {granularity} (symmetric zero-padding '
                     f'of each {"half" if halves else "state entry"}); got {widths}')
+        layer_widths = [w // 2 if halves else w for w in widths]
+        if layer == 'inception' and any(w % 4 for w in layer_widths):
+            raise ValueError(
+                f'inception layers split their input into 4 groups: every layer width ({"half " if halves else ""}'
+                f'the stage width) must be a multiple of 4; got widths {widths}')
         unit_cls = _UNITS[block]
 
         stages = []
@@ -223,9 +323,9 @@ class HamiltonianNet(CifarStagedNet):
                 unit_width = in_width if unit_idx == 0 else width
                 if halves:
                     first = stage_idx == 0 and unit_idx == 0
-                    units.append(unit_cls(unit_width // 2, h, block_norm, first=first))
+                    units.append(unit_cls(unit_width // 2, h, block_norm, first=first, layer=layer))
                 else:
-                    units.append(unit_cls(unit_width, h, block_norm, parity=unit_idx % 2))
+                    units.append(unit_cls(unit_width, h, block_norm, parity=unit_idx % 2, layer=layer))
             pad = None if stage_idx == 0 else (width - in_width) // granularity
             stages.append(ReversibleStage(
                 units, split='halves' if halves else 'pair', pad=pad, memory_efficient=memory_efficient))
@@ -245,6 +345,7 @@ class HamiltonianNet(CifarStagedNet):
         self.block = block
         self.h = h
         self.block_norm = block_norm
+        self.layer = layer
         self.memory_efficient = memory_efficient
         init_weights_cifar_(self)
 
@@ -261,7 +362,7 @@ class HamiltonianNet(CifarStagedNet):
 
 
 def _kernels(unit: nn.Module) -> List[torch.Tensor]:
-    return [m.weight for m in unit.modules() if isinstance(m, SymmetricLayer)]
+    return [k for m in unit.modules() if isinstance(m, _AdjointPairLayer) for k in m.kernels()]
 
 
 def _create_hamiltonian(variant: str, pretrained: bool = False, **kwargs) -> HamiltonianNet:
@@ -278,6 +379,7 @@ _PAPER = dict(paper_ids='arXiv:1709.03698',
 default_cfgs = generate_default_cfgs({
     name: cifar_cfg(**_PAPER) for name in (
         'hamiltonian_74', 'hamiltonian_218', 'hamiltonian_1202',
+        'hamiltonian_reg_74', 'hamiltonian_reg_218', 'hamiltonian_inception_74', 'hamiltonian_inception_218',
         'midpoint_26', 'midpoint_62', 'leapfrog_26', 'leapfrog_62',
     )
 })
@@ -302,6 +404,37 @@ def hamiltonian_1202(pretrained: bool = False, **kwargs) -> HamiltonianNet:
     """Hamiltonian-1202: 100-100-100 units, widths 32-64-128, 'bn' layers, 9,699,338 parameters."""
     model_args = dict(layers=(100, 100, 100), widths=(32, 64, 128), block='hamiltonian', block_norm='bn')
     return _create_hamiltonian('hamiltonian_1202', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hamiltonian_reg_74(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Regularized Hamiltonian-74 (the report's first improvement): Hamiltonian-74 with dropout 0.4 before the
+    classifier (the stem already ends in BatchNorm), 429,690 parameters."""
+    model_args = dict(layers=(6, 6, 6), widths=(32, 64, 112), block='hamiltonian', block_norm='bias', drop_rate=0.4)
+    return _create_hamiltonian('hamiltonian_reg_74', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hamiltonian_reg_218(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Regularized Hamiltonian-218 (the report's first improvement): Hamiltonian-218 with dropout 0.4 before the
+    classifier (the stem already ends in BatchNorm), 1,683,034 parameters."""
+    model_args = dict(layers=(18, 18, 18), widths=(32, 64, 128), block='hamiltonian', block_norm='bias', drop_rate=0.4)
+    return _create_hamiltonian('hamiltonian_reg_218', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hamiltonian_inception_74(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Hamiltonian-Inception-74 (the report's second improvement): Hamiltonian-74 with inception layers."""
+    model_args = dict(layers=(6, 6, 6), widths=(32, 64, 112), block='hamiltonian', block_norm='bias', layer='inception')
+    return _create_hamiltonian('hamiltonian_inception_74', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def hamiltonian_inception_218(pretrained: bool = False, **kwargs) -> HamiltonianNet:
+    """Hamiltonian-Inception-218 (the report's second improvement): Hamiltonian-218 with inception layers."""
+    model_args = dict(
+        layers=(18, 18, 18), widths=(32, 64, 128), block='hamiltonian', block_norm='bias', layer='inception')
+    return _create_hamiltonian('hamiltonian_inception_218', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -13,6 +13,9 @@ Non-Residual Networks", ICML 2020, arXiv:2006.05749; the variants are from the a
 scalar per block; the first block and the two stride-2 transition blocks keep the plain ``f(x) + s(x)``
 (projection shortcut ``s`` where the shape changes), exactly as in the authors' code.
 
+ResNet-1202 (He et al., "Deep Residual Learning for Image Recognition", arXiv:1512.03385, 19.4M parameters) is
+built here as a pre-activation network of the same backbone (200-200-200 basic blocks, 19,423,930 parameters).
+
 Backbone (authors' code, He et al. 2016 pre-activation): stem conv3x3 3→16 without BN/ReLU; three stages
 of widths 16/32/64, strides 1/2/2; basic block BN-ReLU-conv3x3-BN-ReLU-conv3x3 (depth 6n+2) or bottleneck
 BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1 to 4× width (depth 9n+2); projection shortcut
@@ -35,12 +38,13 @@ __all__ = ['CifarResNet', 'INTERPOLATIONS']
 
 # -- residual functions f_n ---------------------------------------------------------------------------------
 class BasicResidual(nn.Module):
-    """``f(x) = conv3x3(ReLU(BN(conv3x3_stride(ReLU(BN(x))))))`` (pre-activation basic branch)."""
+    """``f(x) = conv3x3(ReLU(BN(conv3x3_stride(ReLU(BN(x))))))`` (pre-activation basic branch);
+    ``pre_act=False`` drops the first BN-ReLU (for an input that has just been through one)."""
     expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_act: bool = True):
         super().__init__()
-        self.bn1 = BatchNormAct2d(in_chs)
+        self.bn1 = BatchNormAct2d(in_chs) if pre_act else nn.Identity()
         self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = BatchNormAct2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
@@ -297,11 +301,13 @@ def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> Ci
 
 
 _RESNET_PAPER = dict(paper_ids='arXiv:1603.05027', paper_name='Identity Mappings in Deep Residual Networks')
+_RESNET_1202_PAPER = dict(paper_ids='arXiv:1512.03385', paper_name='Deep Residual Learning for Image Recognition')
 _INRESNET_PAPER = dict(paper_ids='arXiv:2006.05749',
                        paper_name='Interpolation between Residual and Non-Residual Networks')
 
 default_cfgs = generate_default_cfgs({
     **{f'cifar_resnet_{d}': cifar_cfg(**_RESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
+    'cifar_resnet_1202': cifar_cfg(**_RESNET_1202_PAPER),
     **{f'inresnet_{d}': cifar_cfg(**_INRESNET_PAPER) for d in (20, 32, 44, 56, 110, 164)},
     'lambda_inresnet_110': cifar_cfg(**_INRESNET_PAPER),
     'lambda_inresnet_164': cifar_cfg(**_INRESNET_PAPER),
@@ -352,6 +358,14 @@ def cifar_resnet_110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation CIFAR ResNet-110 (18-18-18 basic blocks), ≈1.73M parameters."""
     model_args = _basic(110)
     return _create_cifar_resnet('cifar_resnet_110', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cifar_resnet_1202(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """Pre-activation CIFAR ResNet-1202 (200-200-200 basic blocks, He et al. arXiv:1512.03385), ≈19.4M parameters;
+    ``set_grad_checkpointing()`` trains it storing one tensor per block."""
+    model_args = _basic(1202)
+    return _create_cifar_resnet('cifar_resnet_1202', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

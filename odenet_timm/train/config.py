@@ -26,7 +26,8 @@ SCHEDULES = ('multistep', 'cosine', 'constant')
 """timm schedules fully described by this command line (``create_scheduler_v2`` names)."""
 
 RUN_MANAGEMENT_OPTIONS = frozenset({'config', 'output', 'resume', 'overwrite', 'workers', 'data_dir', 'download',
-                                    'keep_checkpoints', 'max_bad_steps', 'max_unreadable'})
+                                    'keep_checkpoints', 'max_bad_steps', 'max_unreadable',
+                                    'grad_checkpointing'})
 """Options that say where and how a run is executed, or when it gives up, not what a healthy run computes: they
 may change on ``--resume``."""
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='keyword arguments of timm.create_model, values parsed as YAML (layers=[1,1,1])')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
                        help='classifier outputs (default: the number of classes of the dataset)')
+    group.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False,
+                       help="model.set_grad_checkpointing(): keep one tensor per block and recompute the rest in "
+                            "backward (same gradients, less memory, about one more forward)")
 
     group = parser.add_argument_group('Dataset')
     group.add_argument('--dataset', default='digits', metavar='NAME',

@@ -130,12 +130,17 @@ def micro_batch_size(args: argparse.Namespace, num_processes: int) -> int:
 
 
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """``timm.create_model(args.model, num_classes=..., **args.model_kwargs)``, with kwargs errors explained, and
-    ``--bn-momentum`` applied to every BatchNorm layer."""
+    """``timm.create_model(args.model, num_classes=..., **args.model_kwargs)``, with kwargs errors explained,
+    ``--bn-momentum`` applied to every BatchNorm layer and ``--grad-checkpointing`` turned on."""
     try:
         model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'{args.model} cannot be built with --model-kwargs {args.model_kwargs}: {e}') from e
+    if args.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError) as e:
+            raise ConfigError(f'--grad-checkpointing: {e}') from e
     if args.bn_momentum is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
