@@ -2,3 +2,4 @@
 from .inresnet import *
 from .hamiltonian import *
 from .implicit import *
+from .stable import *
