@@ -3,3 +3,4 @@ from .inresnet import *
 from .hamiltonian import *
 from .implicit import *
 from .stable import *
+from .odenet import *
