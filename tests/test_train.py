@@ -31,6 +31,8 @@ FAMILIES = {
     'inresnet': ('inresnet_20', 'layers=[2,2,2]', 80.0),
     'hamiltonian': ('hamiltonian_74', 'layers=[2,2,2]', 80.0),
     'implicit': ('implicit_trapezoid_resnet', 'steps=[1,1,1]', 75.0),
+    'stable': ('antisymmetric_resnet_20', 'layers=[1,1,1]', 50.0),
+    'odenet': ('odenet_small', 'widths=[8,8,8]', 20.0),
 }
 EPOCHS = 4
 # Every source of randomness that a resume has to reproduce: augmentation with flips, Mixup (NumPy), a data-loader
@@ -118,9 +120,12 @@ def test_family_reaches_accuracy_and_writes_its_outputs(family, family_runs):
     if family == 'implicit':  # the solves of the last evaluation batch, every one converged
         stats = history[-1]['solver_stats']
         assert stats['converged'] and 0 < stats['forward_iterations_mean'] <= 15
+    elif family == 'odenet':  # dopri5's function evaluations in the last evaluation batch (6 per step + 2)
+        stats = history[-1]['solver_stats']
+        assert stats['forward_nfe'] >= 8 and (stats['forward_nfe'] - 2) % 6 == 0
     else:
         assert 'solver_stats' not in history[-1]
-    if family == 'hamiltonian':  # the weight smoothness decay the recipe trains with
+    if family in ('hamiltonian', 'stable'):  # the weight smoothness decay the recipe trains with
         assert all(r['smoothness_loss'] > 0 for r in history)
     else:
         assert 'smoothness_loss' not in history[-1]

@@ -7,10 +7,10 @@ replaces the stage by the solution of that ODE::
     y(1) = y(0) + ∫₀¹ f(y(t), t) dt,      y(0) = the block's input
 
 computed by an adaptive solver (``dopri5`` by default; ``rtol`` / ``atol``), or a fixed-step method for
-comparison (``method='rk4'``, ``step_size=...``). Gradients backpropagate through the solver's operations, or, with
-``adjoint=True``, come from solving the adjoint ODE backwards in time (the paper's O(1)-memory method; its
-gradients are exact up to the solver tolerance). Both give the gradients of the solve the forward pass made,
-input gradients included, so attacks see the true gradients.
+comparison (``method='rk4'``, ``step_size=...``). Gradients backpropagate through the solver's operations (the
+exact gradients of the solve the forward pass made), or, with ``adjoint=True``, come from solving the adjoint ODE
+backwards in time (the paper's O(1)-memory method; the flow's gradients up to the accuracy of that backward solve).
+Input gradients included: attacks see the true gradients.
 
 f is the paper's ODE function (the authors' code): ``GN → ReLU → ConcatConv3x3 → GN → ReLU → ConcatConv3x3 → GN``
 with GroupNorm (32 groups at the authors' width 64; no batch statistics inside the solve) and time-conditioned convolutions that see
