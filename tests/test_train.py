@@ -31,7 +31,7 @@ FAMILIES = {
     'inresnet': ('inresnet_20', 'layers=[2,2,2]', 80.0),
     'hamiltonian': ('hamiltonian_74', 'layers=[2,2,2]', 80.0),
     'implicit': ('implicit_trapezoid_resnet', 'steps=[1,1,1]', 75.0),
-    'stable': ('antisymmetric_resnet_20', 'layers=[1,1,1]', 50.0),
+    'stable': ('antisymmetric_resnet_20', 'layers=[2,1,1]', 30.0),
     'odenet': ('odenet_small', 'widths=[8,8,8]', 20.0),
 }
 EPOCHS = 4
