@@ -117,7 +117,7 @@ def test_fixed_step_and_adaptive_solutions_agree():
 
 
 def test_integrate_solves_a_known_linear_ode():
-    """dy/dt = −2y + t: y(1) = (y₀ − ¼ ... closed form) with y(t) = (y₀ + ¼) e^{−2t} + t/2 − ¼."""
+    """dy/dt = −2y + t has the solution y(t) = (y₀ + ¼) e^{−2t} + t/2 − ¼, so y(1) = (y₀ + ¼) e^{−2} + ¼."""
     dynamics = CountedDynamics(lambda t, y: -2 * y + t)
     y0 = torch.tensor([1.0, -3.0], dtype=torch.float64)
     y1 = integrate(dynamics, y0, 0.0, 1.0, ODESolverConfig(**TIGHT))
