@@ -36,6 +36,8 @@ FAMILIES = {
     'resnet_1202': ('cifar_resnet_1202', 'layers=[1,1,1]', 80.0),  # grad checkpointing on; measured 88.3
     'hamiltonian_reg': ('hamiltonian_reg_74', 'layers=[1,1,1]', 35.0),  # dropout 0.4 slows it; measured 45.4
     'hamiltonian_inception': ('hamiltonian_inception_74', 'layers=[1,1,1]', 15.0),  # learns slowly; measured 19.5
+    'stable': ('antisymmetric_resnet_20', 'layers=[2,1,1]', 30.0),
+    'odenet': ('odenet_small', 'widths=[8,8,8]', 20.0),
 }
 EPOCHS = 4
 # Every source of randomness that a resume has to reproduce: augmentation with flips, Mixup (NumPy), a data-loader
@@ -123,9 +125,12 @@ def test_family_reaches_accuracy_and_writes_its_outputs(family, family_runs):
     if family == 'implicit':  # the solves of the last evaluation batch, every one converged
         stats = history[-1]['solver_stats']
         assert stats['converged'] and 0 < stats['forward_iterations_mean'] <= 15
+    elif family == 'odenet':  # dopri5's function evaluations in the last evaluation batch (6 per step + 2)
+        stats = history[-1]['solver_stats']
+        assert stats['forward_nfe'] >= 8 and (stats['forward_nfe'] - 2) % 6 == 0
     else:
         assert 'solver_stats' not in history[-1]
-    if family.startswith('hamiltonian'):  # the weight smoothness decay the recipe trains with
+    if family.startswith('hamiltonian') or family == 'stable':  # the weight smoothness decay the recipe trains with
         assert all(r['smoothness_loss'] > 0 for r in history)
     else:
         assert 'smoothness_loss' not in history[-1]

@@ -3,3 +3,5 @@ from .inresnet import *
 from .hamiltonian import *
 from .implicit import *
 from .revnet import *
+from .stable import *
+from .odenet import *

@@ -8,10 +8,11 @@ them to :class:`CifarStagedNet`, which provides ``forward_features`` / ``forward
 """
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, create_classifier
 from timm.models._features import feature_take_indices
 
@@ -19,7 +20,8 @@ from odenet_timm.layers.checkpoint import checkpoint_blocks
 
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CheckpointMismatchError', 'cifar_cfg', 'init_weights_cifar_', 'ConvStem',
-    'CifarStagedNet', 'KwargTypeError', 'check_kwarg_types', 'INPUT_DTYPES',
+    'ConvTransition', 'PoolPadTransition', 'pool_and_pad_channels', 'weight_smoothness_loss', 'CifarStagedNet',
+    'KwargTypeError', 'check_kwarg_types', 'INPUT_DTYPES',
 ]
 
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -124,6 +126,44 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x))
+
+
+class ConvTransition(nn.Sequential):
+    """Stage transition ``conv3x3_stride2(ReLU(BN(x)))`` to the next width and half the resolution."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__()
+        self.norm = BatchNormAct2d(in_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False)
+
+
+def pool_and_pad_channels(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """2×2 average pooling, then ``pad`` zero channels on each side: the parameter-free stage transition of the
+    Hamiltonian networks (Chang et al., arXiv:1709.03698). Not invertible."""
+    return F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, pad, pad))
+
+
+class PoolPadTransition(nn.Module):
+    """:func:`pool_and_pad_channels` as a module: half the resolution, ``2·pad`` more channels."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_and_pad_channels(x, self.pad)
+
+
+def weight_smoothness_loss(stages: Iterable[Sequence[Sequence[torch.Tensor]]], like: torch.Tensor) -> torch.Tensor:
+    """Weight smoothness decay ``Σ ½‖K_{j+1} − K_j‖²`` (Chang et al., arXiv:1709.03698) between consecutive layers
+    of each stage. ``stages`` gives, per stage, per layer, that layer's kernels (corresponding kernels of
+    consecutive layers are compared); a zero like ``like`` when no two layers are consecutive."""
+    terms: List[torch.Tensor] = []
+    for layers in stages:
+        for prev, nxt in zip(layers[:-1], layers[1:]):
+            for k_prev, k_next in zip(prev, nxt):
+                terms.append(0.5 * (k_next - k_prev).square().sum())
+    return torch.stack(terms).sum() if terms else like.new_zeros(())
 
 
 class CifarStagedNet(nn.Module):

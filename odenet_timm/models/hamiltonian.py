@@ -53,7 +53,10 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from odenet_timm.layers.reversible import AdditiveCoupling, reversible_sequence
-from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_
+from ._common import (
+    CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_, pool_and_pad_channels,
+    weight_smoothness_loss,
+)
 
 __all__ = ['HamiltonianNet', 'SymmetricLayer', 'InceptionLayer', 'HamiltonianUnit', 'MidPointUnit', 'LeapfrogUnit']
 
@@ -215,11 +218,6 @@ class LeapfrogUnit(AdditiveCoupling):
             scale=-h * h, source_scale=2.0, negate_target=True)
 
 
-def pool_and_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """``x`` 2×2 average-pooled, then zero-padded with ``pad`` channels on each side."""
-    return F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, pad, pad))
-
-
 _UNITS = {'hamiltonian': HamiltonianUnit, 'midpoint': MidPointUnit, 'leapfrog': LeapfrogUnit}
 
 
@@ -246,7 +244,7 @@ class ReversibleStage(nn.ModuleList):
 
     def transition(self, state: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
         """Not invertible: memory-efficient mode keeps its input."""
-        return tuple(pool_and_pad(x, self.pad) for x in state)
+        return tuple(pool_and_pad_channels(x, self.pad) for x in state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = x.chunk(2, dim=1) if self.split == 'halves' else (x, x)
@@ -352,13 +350,9 @@ class HamiltonianNet(CifarStagedNet):
     def smoothness_loss(self) -> torch.Tensor:
         """Weight smoothness decay ``Σ ½‖K_{j+1} − K_j‖²`` over consecutive units of each stage (the
         old-width first unit of a downsampling stage has no same-shape neighbour and is left out)."""
-        terms: List[torch.Tensor] = []
-        for stage in self.stages:
-            units = list(stage)[0 if stage.pad is None else 1:]
-            for prev, nxt in zip(units[:-1], units[1:]):
-                for k_prev, k_next in zip(_kernels(prev), _kernels(nxt)):
-                    terms.append(0.5 * (k_next - k_prev).square().sum())
-        return torch.stack(terms).sum() if terms else self.stem.conv.weight.new_zeros(())
+        return weight_smoothness_loss(
+            [[_kernels(unit) for unit in list(stage)[0 if stage.pad is None else 1:]] for stage in self.stages],
+            like=self.stem.conv.weight)
 
 
 def _kernels(unit: nn.Module) -> List[torch.Tensor]:

@@ -30,14 +30,13 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers.fixed_point import (
     SolverConfig, SolverStatsLog, implicit_step, reversible_implicit_chain,
 )
 from ..layers.spectral_norm import SpectralNormConv2d
-from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_
+from ._common import CifarStagedNet, ConvStem, ConvTransition, check_kwarg_types, cifar_cfg, init_weights_cifar_
 
 __all__ = ['ImplicitResNet', 'ImplicitBlock', 'SCHEMES']
 
@@ -111,20 +110,11 @@ class ImplicitBlock(nn.Module):
         return implicit_step(self, x, params, self.config, self.solver_log)
 
 
-class Transition(nn.Sequential):
-    """Explicit stage transition ``conv3x3_stride2(ReLU(BN(x)))`` to the next width and half the resolution."""
-
-    def __init__(self, in_chs: int, out_chs: int):
-        super().__init__()
-        self.norm = BatchNormAct2d(in_chs)
-        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False)
-
-
 class ImplicitStage(nn.Sequential):
-    """An optional :class:`Transition` followed by implicit blocks. With ``memory_efficient`` and grad enabled,
+    """An optional :class:`ConvTransition` followed by implicit blocks. With ``memory_efficient`` and grad enabled,
     the blocks run as one reversible chain that stores only the stage output."""
 
-    def __init__(self, transition: Optional[Transition], blocks: Sequence[ImplicitBlock], memory_efficient: bool):
+    def __init__(self, transition: Optional[ConvTransition], blocks: Sequence[ImplicitBlock], memory_efficient: bool):
         super().__init__(*([transition] if transition is not None else []), *blocks)
         self.has_transition = transition is not None
         self.memory_efficient = memory_efficient
@@ -202,7 +192,7 @@ class ImplicitResNet(CifarStagedNet):
         for stage_idx, (depth, width) in enumerate(zip(steps, widths)):
             transition = None
             if stage_idx > 0:
-                transition = Transition(in_chs, width)
+                transition = ConvTransition(in_chs, width)
                 reduction *= 2
             probe_size = max(32 // reduction, 1)  # the stage's feature-map size at the 32×32 default input
             blocks = [

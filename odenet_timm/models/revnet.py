@@ -34,8 +34,8 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers.reversible import AdditiveCoupling
-from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_
-from .hamiltonian import ReversibleStage, pool_and_pad
+from ._common import CifarStagedNet, ConvStem, check_kwarg_types, cifar_cfg, init_weights_cifar_, pool_and_pad_channels
+from .hamiltonian import ReversibleStage
 from .inresnet import BasicResidual
 
 __all__ = ['RevNet', 'RevNetUnit', 'RevNetDownsampleUnit']
@@ -65,8 +65,8 @@ class RevNetDownsampleUnit(nn.Module):
 
     def forward(self, state: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = state
-        y1 = pool_and_pad(x1, self.pad) + self.f(x2)
-        y2 = pool_and_pad(x2, self.pad) + self.g(y1)
+        y1 = pool_and_pad_channels(x1, self.pad) + self.f(x2)
+        y2 = pool_and_pad_channels(x2, self.pad) + self.g(y1)
         return y1, y2
 
 
