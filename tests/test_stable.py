@@ -169,7 +169,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     (dict(h=0), 'the step size h must be a positive number, got 0.0'),
     (dict(gamma=-0.1), 'the damping gamma must be a number >= 0, got -0.1'),
     (dict(widths=(32, 63, 128)), r'stage widths must not decrease and grow by an even number.*\(32, 63, 128\)'),
-    (dict(layers=(3, 0, 3)), r'one positive entry per stage; got \(3, 0, 3\)'),
+    (dict(layers=(3, 0, 3)), r'layers must be a sequence of positive integers \(one per stage\), got \(3, 0, 3\)'),
 ])
 def test_bad_kwargs_get_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
