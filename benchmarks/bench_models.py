@@ -117,7 +117,7 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
     train_cpu_s = (time.process_time() - cpu_start) / steps
     with FlopCounterMode(display=False) as flop_counter:  # one more step, counted (convolutions, matmuls)
         train_step()
-    peak_mb = _step_tensor_peak_mb(train_step, cuda)
+    peak_mb = step_tensor_peak_mb(train_step, cuda)
     rss_growth_mb = _peak_rss_mb() - base_rss
 
     model.eval()
@@ -148,7 +148,7 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
     }
 
 
-def _step_tensor_peak_mb(train_step, cuda: bool) -> float:
+def step_tensor_peak_mb(train_step, cuda: bool) -> float:
     """Peak tensor memory (MiB) that one call of ``train_step`` adds above what is allocated when it starts."""
     import torch
     if cuda:
