@@ -209,13 +209,13 @@ def torchdeq_forward(block, tol, phantom=0, stats=None):
 
     def writer(info):
         if stats is not None:
-            stats['backward_iterations'] = float(info['nstep'].float().mean())
+            stats.setdefault('backward_iterations', []).append(float(info['nstep'].float().mean()))
 
     def forward(x):
         g, y0 = block.forward_map(x, *block.residual.normalized_params())
         z_out, info = deq(g, y0.detach(), backward_writer=writer)
         if stats is not None:
-            stats['forward_iterations'] = float(info['nstep'].float().mean())
+            stats.setdefault('forward_iterations', []).append(float(info['nstep'].float().mean()))
         return z_out[-1]
     return forward
 
@@ -273,6 +273,24 @@ def _solver_kind(variant):
     return PROJECT if variant == PROJECT else 'torchdeq phantom' if 'phantom' in variant else 'torchdeq'
 
 
+def implicit_train_step(model, variant, tol, stats, x, y, weight, dtype):
+    """``(step, run)``: a train step of ``model`` on ``x`` (loss ``Σ weight·out`` or cross-entropy to ``y``)
+    returning ``(output, [input gradient, parameter gradients])``, and the forward ``run`` alone."""
+    import torch
+    run = implicit_variant(model, _solver_kind(variant), tol, stats)
+    x = x.detach().clone().requires_grad_()
+    params = list(model.parameters())
+
+    def step():
+        for p in params + [x]:
+            p.grad = None
+        out = run(x)
+        loss = (out * weight.to(dtype)).sum() if weight is not None else torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        return out.detach(), [x.grad] + [p.grad for p in params]
+    return step, run
+
+
 def implicit_rows(args, device, log):
     """``[(row name, {variant: step}, {variant: accuracy figures})]`` after the loud equality checks."""
     import timm
@@ -287,21 +305,10 @@ def implicit_rows(args, device, log):
             ('implicit_trapezoid_resnet (whole network)', net, (batch, 3, 32, 32), False)):
         x = torch.randn(*shape, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        weight = torch.randn(batch, 16, 32, 32, device=device) if weighted else None
+        weight = torch.randn(*shape, device=device) if weighted else None
 
         def make_step(m, variant, variant_tol, stats, dtype=torch.float32):
-            run = implicit_variant(m, _solver_kind(variant), variant_tol, stats)
-            xx = x.to(dtype).requires_grad_()
-            params = list(m.parameters())
-
-            def step():
-                for p in params + [xx]:
-                    p.grad = None
-                out = run(xx)
-                loss = (out * weight.to(dtype)).sum() if weighted else nn.functional.cross_entropy(out, y)
-                loss.backward()
-                return out.detach(), [xx.grad] + [p.grad for p in params]
-            return step, run
+            return implicit_train_step(m, variant, variant_tol, stats, x.to(dtype), y, weight, dtype)
 
         # the float64 reference, and the loud check: project and torchdeq agree when both solve to 1e-12
         reference = copy.deepcopy(model).double()
@@ -322,6 +329,8 @@ def implicit_rows(args, device, log):
                 summary = _blocks(model)[0].solver_log.summary()
                 stats = dict(forward_iterations=summary['forward_iterations_mean'],
                              backward_iterations=summary['backward_iterations_mean'])
+            else:  # means over the blocks
+                stats = {key: statistics.mean(values) for key, values in stats.items()}
             return dict(stats, tol=variant_tol, output_error=_rel(out, ref_out),
                         input_grad_error=_rel(grads[0], ref_grads[0]),
                         param_grad_error=_rel(torch.cat([g.flatten() for g in grads[1:]]),
