@@ -8,21 +8,24 @@ torchdeq for implicit layers.
     python benchmarks/bench_peers.py --part reversible    # or implicit; --device cuda on a GPU
 
 Rows. Reversible (train step = forward, ``Σ w·output`` or cross-entropy, backward): one Hamiltonian unit and one
-RevNet unit (16 channels per half, the first stage's width), the first stage of ``hamiltonian_218`` (18 units)
-and the whole ``hamiltonian_218``; variants: the project's memory-efficient path
-(:func:`odenet_timm.layers.reversible.reversible_sequence`), plain autograd, memcnn (``InvertibleModuleWrapper``
-around its ``AdditiveCoupling``, one per unit) and revlib (``ReversibleSequential``), all sharing the same
-modules, hence the same weights. Unit and stage inputs are non-leaf tensors, as inside a network (memcnn returns
-twice the input gradient for a leaf input). The RevNet unit is the first unit of ``revnet_110``'s first stage
-when that model is registered, else the same unit built here (``F``, ``G`` pre-activation basic residuals).
+RevNet unit (16 channels per half, the first stage's width; ``--batch-size``), the first stage of
+``hamiltonian_218`` (18 units) and the whole ``hamiltonian_218`` (``--model-batch-size``); variants: the
+project's memory-efficient path (:func:`odenet_timm.layers.reversible.reversible_sequence`), plain autograd,
+memcnn (``InvertibleModuleWrapper`` around its ``AdditiveCoupling``, one per unit) and revlib
+(``ReversibleSequential``), all sharing the same modules, hence the same weights. Unit and stage inputs are
+non-leaf tensors, as inside a network (memcnn returns twice the input gradient for a leaf input). The RevNet unit
+is the first unit of ``revnet_110``'s first stage when that model is registered, else the same unit built here
+(``F``, ``G`` pre-activation basic residuals).
 
 Implicit (the trapezoidal block ``y = x + ½[F(x) + F(y)]`` of ``implicit_trapezoid_resnet``'s first stage, and
-the whole network; eval mode, so the spectral-norm probe and BatchNorm are fixed and every variant computes the
-same function): the project's Anderson solve + implicit-function-theorem backward
+the whole network at ``--model-batch-size``; eval mode, so the spectral-norm probe and BatchNorm are fixed and
+every variant computes the same function): the project's Anderson solve + implicit-function-theorem backward
 (:func:`odenet_timm.layers.fixed_point.implicit_step`) and torchdeq's (Anderson forward, IFT backward with its
 Anderson solver; relative stopping residual, same starting point), at EQUAL tolerance and at MATCHED gradient
 error (the loosest torchdeq tolerance whose gradient error is at most the project's), plus torchdeq's phantom
-gradient (a cheaper, inexact reference). Gradient error: relative to a float64 reference solved to 1e-12.
+gradient (5 unrolled steps: a cheaper, inexact reference). Gradient error: relative to a float64 reference solved
+to 1e-12. Iterations are the solvers' own counts (the project then evaluates the map twice more, once without
+and once with a graph; torchdeq once with a graph in forward and once in backward).
 
 First, every variant must compute the same outputs and gradients (reversible: against plain autograd to
 ``--check-tol``; implicit: project and torchdeq agree in float64 at tolerance 1e-12, and every exact-gradient
@@ -149,10 +152,9 @@ def reversible_rows(args, device):
     variants = [PROJECT, 'plain autograd', 'memcnn', 'revlib']
     torch.manual_seed(0)
     model = timm.create_model('hamiltonian_218').to(device).train()
-    batch = args.batch_size
     rows = []
 
-    def part_row(name, steps, channels, size):
+    def part_row(name, steps, channels, size, batch):
         modules = [s for s in steps if isinstance(s, torch.nn.Module)]
         params = [p for m in modules for p in m.parameters()]
         x_leaf = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
@@ -174,13 +176,13 @@ def reversible_rows(args, device):
         rows.append((name, {kind: make(kind) for kind in variants}))
 
     stage = model.stages[0]
-    part_row('Hamiltonian unit', _stage_steps(stage)[2:4], 32, 32)
+    part_row('Hamiltonian unit', _stage_steps(stage)[2:4], 32, 32, args.batch_size)
     name, revnet_steps = _revnet_unit(device)
-    part_row(name, revnet_steps, 32, 32)
-    part_row('hamiltonian_218 stage 1 (18 units)', _stage_steps(stage), 32, 32)
+    part_row(name, revnet_steps, 32, 32, args.batch_size)
+    part_row('hamiltonian_218 stage 1 (18 units)', _stage_steps(stage), 32, 32, args.model_batch_size)
 
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x = torch.randn(args.model_batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.model_batch_size,), device=device)
     runners = {kind: [reversible_runner(kind, _stage_steps(s)) for s in model.stages] for kind in variants}
 
     def model_step(kind):
@@ -298,13 +300,13 @@ def implicit_rows(args, device, log):
     import torch.nn as nn
     torch.manual_seed(0)
     net = timm.create_model('implicit_trapezoid_resnet').to(device).eval()
-    batch, tol = args.batch_size, args.implicit_tol
+    tol = args.implicit_tol
     rows = []
     for name, model, shape, weighted in (
-            ('implicit trapezoid block (16 ch)', nn.Sequential(net.stages[0][0]), (batch, 16, 32, 32), True),
-            ('implicit_trapezoid_resnet (whole network)', net, (batch, 3, 32, 32), False)):
+            ('implicit trapezoid block (16 ch)', nn.Sequential(net.stages[0][0]), (args.batch_size, 16, 32, 32), True),
+            ('implicit_trapezoid_resnet (whole network)', net, (args.model_batch_size, 3, 32, 32), False)):
         x = torch.randn(*shape, device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
+        y = torch.randint(0, 10, (shape[0],), device=device)
         weight = torch.randn(*shape, device=device) if weighted else None
 
         def make_step(m, variant, variant_tol, stats, dtype=torch.float32):
@@ -430,7 +432,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--part', choices=('all', 'reversible', 'implicit'), default='all')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--batch-size', type=int, default=128, help='batch of the unit and block rows')
+    parser.add_argument('--model-batch-size', type=int, default=16,
+                        help='batch of the stage and whole-network rows (small: a CPU run stays within minutes)')
     parser.add_argument('--rounds', type=int, default=3, help='round-robin repetitions (median and min–max)')
     parser.add_argument('--steps', type=int, default=2, help='timed steps per variant per round')
     parser.add_argument('--implicit-tol', type=float, default=1e-4, help='the equal tolerance of the implicit rows')
