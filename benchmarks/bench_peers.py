@@ -95,8 +95,11 @@ def _segments(steps):
     return out
 
 
-def reversible_runner(kind, steps):
-    """``x ↦ y`` on the concatenated halves through ``steps`` by the project, plain autograd, memcnn or revlib."""
+def reversible_runner(kind, steps, input_is_saved=False):
+    """``x ↦ y`` on the concatenated halves through ``steps`` by the project, plain autograd, memcnn or revlib.
+
+    ``input_is_saved``: another layer saved ``x`` for its backward (a ReLU before the stage), so memcnn must keep
+    the input of its first unit instead of freeing and restoring its storage (which autograd rejects)."""
     import torch
     from odenet_timm.layers.reversible import reversible_sequence
 
@@ -109,8 +112,9 @@ def reversible_runner(kind, steps):
         elif kind == 'memcnn':
             import memcnn
             wrappers = torch.nn.Sequential(*[
-                memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(_scaled(f), _scaled(g)), keep_input=False,
-                                               keep_input_inverse=False) for f, g in item])
+                memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(_scaled(f), _scaled(g)),
+                                               keep_input=input_is_saved and not parts and i == 0,
+                                               keep_input_inverse=False) for i, (f, g) in enumerate(item)])
             parts.append(wrappers)
         elif kind == 'revlib':
             import revlib
@@ -183,7 +187,8 @@ def reversible_rows(args, device):
 
     x = torch.randn(args.model_batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.model_batch_size,), device=device)
-    runners = {kind: [reversible_runner(kind, _stage_steps(s)) for s in model.stages] for kind in variants}
+    runners = {kind: [reversible_runner(kind, _stage_steps(s), input_is_saved=i == 0)
+                      for i, s in enumerate(model.stages)] for kind in variants}
 
     def model_step(kind):
         def step():

@@ -101,7 +101,7 @@ class AdditiveCoupling(nn.Module):
     def uncombine(self, y_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``fx`` (a buffer
         the caller owns and no longer needs; ``y_target`` and ``x_source`` are left alone)."""
-        out = fx.mul_(-self.scale).add_(y_target)
+        out = torch.add(y_target, fx, alpha=-self.scale, out=fx)  # one pass, one rounding
         if self.source_scale:
             out.sub_(x_source, alpha=self.source_scale)
         return out.neg_() if self.negate_target else out
@@ -273,7 +273,7 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params):
         fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) its input
     state[t] = step.uncombine(state[t], state[s], fx)
     # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t,  dθ = γ·J_θᵀ dy_t
-    grad_source = grads[s] if found[0] is None else found[0].mul_(step.scale).add_(grads[s])
+    grad_source = grads[s] if found[0] is None else torch.add(grads[s], found[0], alpha=step.scale, out=found[0])
     if step.source_scale:
         grad_source = grad_source.add(grad_target, alpha=step.source_scale) if found[0] is None else \
             grad_source.add_(grad_target, alpha=step.source_scale)
