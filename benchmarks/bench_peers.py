@@ -350,8 +350,9 @@ def implicit_rows(args, device, log):
         found = {PROJECT: accuracy(PROJECT, tol), f'torchdeq IFT, tol {tol:g}': accuracy('torchdeq', tol)}
         target = grad_error(found[PROJECT])
         for candidate in (tol / 3, tol / 10, tol / 30, tol / 100):
-            if grad_error(list(found.values())[-1]) <= target:
-                break
+            errors = [grad_error(acc) for variant, acc in found.items() if variant != PROJECT]
+            if errors[-1] <= target or (len(errors) > 1 and errors[-1] > 0.9 * errors[-2]):
+                break  # matched, or at float32's floor (a tighter tolerance no longer helps)
             found[f'torchdeq IFT, tol {candidate:g} (gradient error matched)'] = accuracy('torchdeq', candidate)
         found[f'torchdeq phantom k=5, tol {tol:g}'] = accuracy('torchdeq phantom', tol)
         for variant, acc in found.items():
