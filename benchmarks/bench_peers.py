@@ -30,8 +30,8 @@ and once with a graph; torchdeq once with a graph in forward and once in backwar
 First, every variant must compute the same outputs and gradients (reversible: against plain autograd to
 ``--check-tol``; implicit: project and torchdeq agree in float64 at tolerance 1e-12, outputs and gradients, and
 every float32 variant's output is within 10× its tolerance of that reference; float32 gradient errors are
-reported, not bounded: through ReLU kinks they are up to ~100× the output errors); the script stops with an error naming the row and the
-variant otherwise. Then the variants are timed round-robin, ``--rounds`` rounds of ``--steps`` steps each (the
+reported, not bounded: through ReLU kinks they are up to ~100× the output errors); the script stops with an
+error naming the row and the variant otherwise. Then the variants are timed round-robin, ``--rounds`` rounds of ``--steps`` steps each (the
 median and min–max over rounds are reported, ratios round by round), and one more step of each is measured for
 peak tensor memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocator's own allocation and free
 records (``torch.profiler``, ``profile_memory=True``) summed in time order (see ``bench_models.py``).
