@@ -143,7 +143,7 @@ def _revnet_unit(device):
     from odenet_timm.layers.reversible import AdditiveCoupling, flatten_steps
     from odenet_timm.models.inresnet import BasicResidual
     if 'revnet_110' in timm.list_models('revnet_110'):
-        return 'revnet_110 first unit', flatten_steps([timm.create_model('revnet_110').stages[0][0]])
+        return 'revnet_110 first unit', flatten_steps([timm.create_model('revnet_110').stages[0][0].to(device)])
     f = AdditiveCoupling(BasicResidual(16, 16), target=0, source=1)
     g = AdditiveCoupling(BasicResidual(16, 16), target=1, source=0)
     return 'RevNet unit (built here)', list(nn.ModuleList([f, g]).to(device))
