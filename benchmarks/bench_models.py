@@ -18,10 +18,14 @@ other processes competing for the cores inflate less than wall time; and the con
 train step (``torch.utils.flop_counter``, counted once after the timed steps), which no machine load changes.
 On a shared machine compare CPU-bound configurations by those two.
 
-Memory: on CPU the process's resident-set peak during the train steps minus its peak right after building
-the model, data and optimizer (``ru_maxrss``); on CUDA ``torch.cuda.max_memory_allocated`` during the train
-steps minus the memory allocated after building. Either way it is what one train step adds: activations,
-gradients, optimizer state and workspace.
+Memory: the peak TENSOR memory one train step adds (activations, gradients, workspace), measured on a separate
+step after the timed ones (optimizer state already exists). On CUDA ``torch.cuda.max_memory_allocated`` during
+that step minus the memory allocated before it; on CPU the same figure from the allocator's own records: every
+allocation and free of that step, as ``torch.profiler`` (``profile_memory=True``) reports them, summed in time
+order, and the running total's maximum. The process's resident-set growth (``ru_maxrss``) is reported beside it
+(``peak_rss_growth_mb``) but not compared: it is dominated by what the allocator keeps after frees.
+
+Every timing and memory figure is the median over ``--rounds`` rounds, with its min–max spread over rounds.
 
 Models that expose ``solver_stats()`` (implicit networks) get its numeric fields averaged over the timed
 train steps as extra columns. Prints JSON and a Markdown table; writes the JSON to ``--json``.
@@ -107,11 +111,7 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
                 solver_fields.setdefault(key, []).append(float(value))
 
     sync()
-    if cuda:
-        base_mem = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base_mem = _peak_rss_mb()
+    base_rss = _peak_rss_mb()
     for _ in range(warmup):
         train_step()
     sync()
@@ -124,10 +124,8 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
     train_cpu_s = (time.process_time() - cpu_start) / steps
     with FlopCounterMode(display=False) as flop_counter:  # one more step, counted (convolutions, matmuls)
         train_step()
-    if cuda:
-        peak_mb = (torch.cuda.max_memory_allocated() - base_mem) / 2 ** 20
-    else:
-        peak_mb = _peak_rss_mb() - base_mem
+    peak_mb = step_tensor_peak_mb(train_step, cuda)
+    rss_growth_mb = _peak_rss_mb() - base_rss
 
     model.eval()
     with torch.no_grad():
@@ -151,9 +149,32 @@ def measure(spec: str, batch_size: int, img_size: int, steps: int, warmup: int, 
         'train_img_s': batch_size / train_s,
         'eval_img_s': batch_size / eval_s,
         'peak_train_mem_mb': peak_mb,
+        'peak_rss_growth_mb': rss_growth_mb,
         'solver': {k: statistics.mean(v) for k, v in solver_fields.items()},
         'device': torch.cuda.get_device_name() if cuda else f'cpu ({torch.get_num_threads()} threads)',
     }
+
+
+def step_tensor_peak_mb(train_step, cuda: bool) -> float:
+    """Peak tensor memory (MiB) that one call of ``train_step`` adds above what is allocated when it starts."""
+    import torch
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        train_step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step()
+    # '[memory]' events: +bytes per allocation, -bytes per free, in time order
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2 ** 20
 
 
 def run_in_subprocess(spec: str, args) -> dict:
@@ -169,13 +190,18 @@ def run_in_subprocess(spec: str, args) -> dict:
 
 
 def aggregate(runs: list) -> dict:
-    """Median over rounds of the timing and memory figures; the rest from the first round."""
+    """Median over rounds of the timing and memory figures, and their [min, max] over rounds (``spread``); the
+    rest from the first round."""
     ok = [r for r in runs if 'error' not in r]
     if not ok:
         return runs[0]
     row = dict(ok[0])
-    for key in _TIME_KEYS + ('peak_train_mem_mb',):
-        row[key] = statistics.median(r[key] for r in ok)
+    row['spread'], row['per_round'] = {}, {}
+    for key in _TIME_KEYS + ('peak_train_mem_mb', 'peak_rss_growth_mb'):
+        values = [r[key] for r in ok]
+        row[key] = statistics.median(values)
+        row['spread'][key] = [min(values), max(values)]
+        row['per_round'][key] = values if len(ok) == len(runs) else None  # aligned with the baseline's rounds
     row['rounds'] = len(ok)
     return row
 
@@ -190,17 +216,29 @@ def add_ratios(rows: list, baseline: str) -> None:
         row['step_flop_ratio'] = row['train_step_gflop'] / base['train_step_gflop']
         row['eval_time_ratio'] = base['eval_img_s'] / row['eval_img_s']
         row['memory_ratio'] = row['peak_train_mem_mb'] / base['peak_train_mem_mb'] if base['peak_train_mem_mb'] > 0 else None
+        # the same ratios round by round (a row and the baseline measured within the same round): their spread
+        for key, ratio_key in (('train_step_ms', 'step_time_ratio'), ('train_step_cpu_ms', 'step_cpu_time_ratio'),
+                               ('peak_train_mem_mb', 'memory_ratio')):
+            mine, theirs = row['per_round'][key], base['per_round'][key]
+            if mine and theirs and len(mine) == len(theirs) and min(theirs) > 0:
+                ratios = [a / b for a, b in zip(mine, theirs)]
+                row['spread'][ratio_key] = [min(ratios), max(ratios)]
 
 
 def markdown_table(rows: list, baseline: str) -> str:
     solver_keys = sorted({k for r in rows for k in r.get('solver', {})})
     header = ['config', 'params', 'train img/s', 'eval img/s', 'train step ms', 'train step CPU ms',
-              'train step GFLOP', 'peak train mem MB', f'step time / {baseline}', f'step CPU time / {baseline}',
+              'train step GFLOP', 'peak train tensor mem MB', f'step time / {baseline}', f'step CPU time / {baseline}',
               f'step GFLOP / {baseline}', f'eval time / {baseline}', f'memory / {baseline}'] + solver_keys
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 
     def fmt(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) else '–'
+
+    def ratio(r, key):  # median ratio and, when measured in several rounds, its min–max over rounds
+        low_high = r.get('spread', {}).get(key)
+        spread = f' ({low_high[0]:.2f}–{low_high[1]:.2f})' if low_high and r.get('rounds', 1) > 1 else ''
+        return fmt(r.get(key), '.3f') + spread
 
     for r in rows:
         if 'error' in r:
@@ -209,9 +247,9 @@ def markdown_table(rows: list, baseline: str) -> str:
         cells = [r['config'], f"{r['params']:,}", fmt(r['train_img_s'], '.1f'), fmt(r['eval_img_s'], '.1f'),
                  fmt(r['train_step_ms'], '.1f'), fmt(r['train_step_cpu_ms'], '.1f'), fmt(r['train_step_gflop'], '.2f'),
                  fmt(r['peak_train_mem_mb'], '.1f'),
-                 fmt(r.get('step_time_ratio'), '.3f'), fmt(r.get('step_cpu_time_ratio'), '.3f'),
+                 ratio(r, 'step_time_ratio'), ratio(r, 'step_cpu_time_ratio'),
                  fmt(r.get('step_flop_ratio'), '.3f'), fmt(r.get('eval_time_ratio'), '.3f'),
-                 fmt(r.get('memory_ratio'), '.3f')]
+                 ratio(r, 'memory_ratio')]
         cells += [fmt(r.get('solver', {}).get(k), '.3g') for k in solver_keys]  # residuals are ~1e-4
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)

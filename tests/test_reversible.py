@@ -138,6 +138,35 @@ def test_input_gradient_through_autograd_grad_in_eval_mode():
     _assert_close_rel(results[1], results[0], 1e-8)
 
 
+class FullBias(nn.Module):
+    """``φ(x) = x + b`` with a full-shaped ``b``: autograd hands the incoming gradient itself back to both ``x`` and
+    ``b``, the case where updating a gradient in place would corrupt another."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(shape, dtype=torch.float64))
+
+    def forward(self, x):
+        return x + self.b
+
+
+def test_gradients_when_phi_passes_the_incoming_gradient_through():
+    shape = (3, C, 8, 8)
+    steps = nn.ModuleList([
+        AdditiveCoupling(FullBias(shape), target=0, source=1, scale=0.5),
+        AdditiveCoupling(FullBias(shape), target=1, source=0, scale=-0.3, source_scale=0.7, negate_target=True),
+        AdditiveCoupling(nn.Identity(), target=0, source=1, scale=2.0),  # φ returns its input itself
+        AdditiveCoupling(FullBias(shape), target=1, source=0, scale=1.5),
+    ])
+    inputs = _state()
+    out_plain, plain, weights = _grads(steps, inputs, memory_efficient=False)
+    saved_outputs = [o.clone() for o in out_plain]
+    _, rev, _ = _grads(steps, inputs, memory_efficient=True, weights=weights)
+    _assert_close_rel(rev, plain, 1e-12)
+    for a, b in zip(out_plain, saved_outputs):
+        assert torch.equal(a, b)
+
+
 def test_backward_twice_with_retain_graph():
     steps, inputs = _sequence(), _state()
     state = [x.clone().requires_grad_() for x in inputs]

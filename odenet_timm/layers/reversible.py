@@ -99,12 +99,12 @@ class AdditiveCoupling(nn.Module):
         return out.add_(x_source, alpha=self.source_scale) if self.source_scale else out
 
     def uncombine(self, y_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``y_target``.
-        """
-        y_target.sub_(fx, alpha=self.scale)
+        """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``fx`` (a buffer
+        the caller owns and no longer needs; ``y_target`` and ``x_source`` are left alone)."""
+        out = torch.add(y_target, fx, alpha=-self.scale, out=fx)  # one pass, one rounding
         if self.source_scale:
-            y_target.sub_(x_source, alpha=self.source_scale)
-        return y_target.neg_() if self.negate_target else y_target
+            out.sub_(x_source, alpha=self.source_scale)
+        return out.neg_() if self.negate_target else out
 
     def forward(self, state: State) -> State:
         x_source = state[self.source]
@@ -115,7 +115,7 @@ class AdditiveCoupling(nn.Module):
     def inverse(self, state: State) -> State:
         x_source = state[self.source]
         out = list(state)
-        out[self.target] = self.uncombine(state[self.target].clone(), x_source, self.fn(x_source))
+        out[self.target] = self.uncombine(state[self.target], x_source, self.fn(x_source).clone())
         return tuple(out)
 
 
@@ -214,11 +214,12 @@ class ReversibleSequenceFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs: torch.Tensor):
         saved = ctx.saved_tensors
-        # Backward owns copies of the state and of the incoming gradients and updates them in place, step by
-        # step: a fixed set of state-sized buffers instead of fresh ones per step (less allocator churn).
-        state = [t.detach().clone() for t in saved[:ctx.num_outputs]]
+        # Nothing saved or received is written to (so backward can run again under retain_graph=True), and no
+        # state-sized copy is made: each coupling writes its reconstructed input into the buffer of its recomputed
+        # φ(x_s), and the new gradient of x_s into the buffer autograd returned for φ's input gradient.
+        state = [t.detach() for t in saved[:ctx.num_outputs]]
         kept = list(saved[ctx.num_outputs:])
-        grads = [g.clone() for g in grad_outputs]
+        grads = list(grad_outputs)
         # Parameter gradients are allocated up front rather than one per step between the large temporaries.
         param_grads = [torch.zeros_like(p) for p in ctx.params]
 
@@ -242,7 +243,7 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     size = kept_sizes.pop()
                     step_inputs, kept = kept[len(kept) - size:], kept[:len(kept) - size]
                     grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
-                    state = [t.detach().clone() for t in step_inputs]
+                    state = [t.detach() for t in step_inputs]
                 accumulate(params, step_grads)
         input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
         return (None, None, None, *input_grads, *param_grads)
@@ -256,8 +257,8 @@ def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
 
 
 def _coupling_backward(step: AdditiveCoupling, state, grads, params):
-    """Reconstruct the coupling's input from its output and push the gradients through it, updating the
-    (backward-owned) ``state`` and ``grads`` lists in place."""
+    """Reconstruct the coupling's input from its output and push the gradients through it, replacing the
+    entries of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to."""
     t, s = step.target, step.source
     x_source = state[s].detach().requires_grad_()
     grad_target = grads[t]
@@ -265,16 +266,20 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params):
     with _buffers_restored(step):
         with torch.enable_grad():
             fx = step.fn(_non_leaf(x_source))
-        found = torch.autograd.grad(
-            fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True)
-    step.uncombine(state[t], state[s], fx.detach())
+        found = _private(torch.autograd.grad(
+            fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True), grads)
+    fx = fx.detach()
+    if fx.dtype != state[t].dtype or fx.untyped_storage().data_ptr() == x_source.untyped_storage().data_ptr():
+        fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) its input
+    state[t] = step.uncombine(state[t], state[s], fx)
     # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t,  dθ = γ·J_θᵀ dy_t
-    if found[0] is not None:
-        grads[s].add_(found[0], alpha=step.scale)
+    grad_source = grads[s] if found[0] is None else torch.add(grads[s], found[0], alpha=step.scale, out=found[0])
     if step.source_scale:
-        grads[s].add_(grad_target, alpha=step.source_scale)
+        grad_source = grad_source.add(grad_target, alpha=step.source_scale) if found[0] is None else \
+            grad_source.add_(grad_target, alpha=step.source_scale)
+    grads[s] = grad_source
     if step.negate_target:
-        grad_target.neg_()
+        grads[t] = -grad_target
     return [None if g is None else g.mul_(step.scale) for g in found[1:]]
 
 
@@ -290,13 +295,21 @@ def _recompute_backward(step: Step, step_inputs, grads, params):
             [o for o, _ in pairs], [*wrt, *params], grad_outputs=[g.to(o.dtype) for o, g in pairs],
             allow_unused=True) if pairs else [None] * (len(wrt) + len(params))
     by_input = dict(zip(map(id, wrt), found))
-    input_grads, seen = [], {id(g) for g in grads}
-    for x in inputs:
-        g = by_input.get(id(x))
-        g = torch.zeros_like(x) if g is None else g.clone() if id(g) in seen else g  # backward updates them in place
-        seen.add(id(g))
-        input_grads.append(g)
-    return input_grads, found[len(wrt):]
+    input_grads = [by_input.get(id(x)) for x in inputs]
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, input_grads)], found[len(wrt):]
+
+
+def _private(found: Sequence[Optional[torch.Tensor]], others: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """``found`` with copies of the tensors that share memory with ``others`` or with an earlier entry (autograd
+    may hand the incoming gradient itself back, e.g. through an addition), so each can be updated in place."""
+    seen = {t.untyped_storage().data_ptr() for t in others}
+    out = []
+    for g in found:
+        if g is not None:
+            g = g.clone() if g.untyped_storage().data_ptr() in seen else g
+            seen.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return out
 
 
 def reversible_sequence(
