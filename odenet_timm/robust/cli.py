@@ -16,7 +16,7 @@ from .. import CheckpointMismatchError
 from .attacks import ATTACKS, AUTOATTACK_VERSIONS, DEFAULT_ATTACKS, AttackProtocol, parse_eps
 from .entries import ENSEMBLE_COMBINES, EvalEntry, load_export_dir, load_weights_file, make_ensemble
 from .errors import EvaluationInputError
-from .evaluator import evaluate, load_evaluation_examples, make_accelerator
+from .evaluator import DEFAULT_BATCH_SIZE, evaluate, load_evaluation_examples, make_accelerator
 from .leaderboard import SCHEMA_PATH, build_leaderboard, write_csv, write_json, write_markdown
 from .noise import CifarCNoise, ComputedNoise
 from .plots import plot_robustness_curves
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--cifar-c-dir', default=None, help='real CIFAR-10-C / CIFAR-100-C .npy files to read the '
                                                           'noise corruptions from (default: computed on the fly)')
     data.add_argument('--n-examples', type=int, default=None, help='the first N examples, in order (default: all)')
-    data.add_argument('--batch-size', type=int, default=128)
+    data.add_argument('--batch-size', type=int, default=None,
+                      help=f"examples per batch (default {DEFAULT_BATCH_SIZE['cpu']} on CPU, "
+                           f"{DEFAULT_BATCH_SIZE['cuda']} on GPU); random draws are seeded per batch")
     attacks = parser.add_argument_group('protocol')
     attacks.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(DEFAULT_ATTACKS),
                          help=f'default: {" ".join(DEFAULT_ATTACKS)} (clean accuracy is always measured)')
@@ -71,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument('--autoattack-version', choices=AUTOATTACK_VERSIONS, default='standard',
                          help="standard (leaderboard numbers) or fast (APGD-CE + APGD-T, 3 targets)")
     attacks.add_argument('--blackbox-queries', type=int, default=1000,
-                         help='Square attack budget for the black-box trust check (0 skips it; default 1000)')
+                         help='Square attack budget for the black-box trust check, run on the examples that '
+                              'survived every white-box attack (0 skips it; default 1000)')
+    attacks.add_argument('--blackbox-all-eps', action='store_true',
+                         help='run the black-box check at every ε (default: the leaderboard ε only)')
     attacks.add_argument('--seed', type=int, default=0)
     out = parser.add_argument_group('outputs')
     out.add_argument('--output', default=None, help=f'directory for {", ".join(OUTPUT_FILES)}')
@@ -150,7 +155,8 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     """Check the whole request, evaluate, and (on the main process) write the outputs; returns the leaderboard."""
     protocol = AttackProtocol(
         attacks=tuple(args.attacks), eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
-        autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries, seed=args.seed)
+        autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries,
+        blackbox_all_eps=args.blackbox_all_eps, seed=args.seed)
     if args.output is None:
         raise EvaluationInputError('--output DIR is required to evaluate')
     entries = _load_entries(args)

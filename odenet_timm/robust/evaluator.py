@@ -5,7 +5,12 @@ Sharding: the N examples are cut into fixed global batches of ``batch_size`` (ba
 ``r, r + W, r + 2W, …`` and the per-example results are gathered on every process in batch order. Every random draw
 of a batch (noise, PGD's start, AutoAttack's and Square's seeds) is seeded from ``(seed, batch index, attack,
 ε index)``, and a batch is the same tensor whichever process runs it, so one process and many give the same
-numbers.
+numbers. The batch size therefore keys the draws too: pass the same ``--batch-size`` to reproduce a run on another
+machine (the default is ``DEFAULT_BATCH_SIZE`` of the device type).
+
+Work skipped (see :mod:`~odenet_timm.robust.attacks`): an example misclassified clean counts as wrong under every
+attack and is not attacked (noise is a corruption, not an attack: it is measured on every example, as RobustBench's
+corruption accuracy is); the black-box check attacks only the examples that survived every white-box attack.
 """
 import os
 from dataclasses import dataclass, field
@@ -26,11 +31,15 @@ from .seeding import derive_seed, seeded
 
 __all__ = [
     'EntryOutcome', 'load_evaluation_examples', 'evaluate', 'aggregate_solver_stats', 'make_accelerator', 'PHASES',
+    'DEFAULT_BATCH_SIZE',
 ]
 
 # Every phase of the evaluation of one batch; the position of a phase keys its random seed.
 PHASES = ('clean', 'noise', 'fgsm', 'ifgsm', 'pgd', 'autoattack', 'blackbox', 'large_eps')
 NoiseSource = Union[ComputedNoise, CifarCNoise]
+# Examples per batch by device type: on a CPU larger batches gain nothing (and shard less evenly), a GPU needs
+# hundreds of CIFAR images per pass to be busy.
+DEFAULT_BATCH_SIZE = {'cpu': 128, 'cuda': 512}
 
 
 @dataclass
@@ -38,7 +47,8 @@ class EntryOutcome:
     """Per-example correctness of one entry, over the N examples in order.
 
     ``correct['clean']`` and ``correct['large_eps']`` have shape (N,), ``correct['noise']`` (4 corruptions, 5
-    severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack / blackbox`` (len(eps), N). ``solver_stats``
+    severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack`` (len(eps), N) and ``blackbox``
+    (len(protocol.blackbox_eps), N): correct under every white-box attack and Square. ``solver_stats``
     maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver).
     """
     correct: Dict[str, torch.Tensor]
@@ -93,36 +103,51 @@ def _evaluate_batch(
         noisy: Dict[Tuple[str, int], torch.Tensor],
         protocol: AttackProtocol,
         batch_seed: int,
+        attack_all: bool = False,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]]]:
-    """Correctness of ``entry`` on one batch for every phase of the protocol, and its solver stats per phase."""
+    """Correctness of ``entry`` on one batch for every phase of the protocol, and its solver stats per phase.
+
+    The white-box attacks and the large-ε check attack the examples correct clean (every example with
+    ``attack_all``, the old way, kept to test that the skipping changes nothing else); the black-box check attacks
+    the examples that survived every white-box attack at its ε."""
     model, device = entry.module, images.device
     correct, solver_stats = {}, {}
 
     def record(phase: str, compute: Callable[[], torch.Tensor]) -> None:
         """Run one phase; its solver statistics are those of the solves made during it, not earlier ones."""
         reset_solver_stats_of(model)
-        correct[phase] = compute().cpu()
+        correct[phase] = compute()
         stats = solver_stats_of(model)
         if stats:
             solver_stats[phase] = stats
 
-    def attacked(attack: str, eps: float, eps_index: int) -> torch.Tensor:
+    def attacked(attack: str, eps: float, eps_index: int, active: torch.Tensor) -> torch.Tensor:
+        """Correctness under ``attack`` of the ``active`` examples; the others count as wrong."""
         seed = derive_seed(batch_seed, PHASES.index(attack), eps_index)
         with seeded(seed, device):
-            adversarial = adversarial_examples(attack, model, images, labels, eps, protocol, entry.num_classes, seed)
-        return predict(model, adversarial) == labels
+            adversarial = adversarial_examples(attack, model, images, labels, eps, protocol, entry.num_classes, seed,
+                                               active)
+        still_correct = torch.zeros_like(active)
+        if active.any():
+            still_correct[active] = predict(model, adversarial[active]) == labels[active]
+        return still_correct
 
     record('clean', lambda: predict(model, images) == labels)
+    targets = torch.ones_like(correct['clean']) if attack_all else correct['clean']
     if 'noise' in protocol.attacks:
         record('noise', lambda: torch.stack([
             torch.stack([predict(model, noisy[corruption, severity].to(device)) == labels for severity in SEVERITIES])
             for corruption in NOISE_SEVERITIES
         ]))
-    for attack in protocol.white_box + (('blackbox',) if protocol.runs_blackbox else ()):
-        record(attack, lambda: torch.stack([attacked(attack, eps, i) for i, eps in enumerate(protocol.eps)]))
+    for attack in protocol.white_box:
+        record(attack, lambda: torch.stack([attacked(attack, eps, i, targets) for i, eps in enumerate(protocol.eps)]))
+    if protocol.runs_blackbox:
+        survivors = correct['clean'] & torch.stack([correct[attack] for attack in protocol.white_box]).all(dim=0)
+        record('blackbox', lambda: torch.stack([attacked('blackbox', eps, i, survivors[i])
+                                                for i, eps in enumerate(protocol.blackbox_eps)]))
     if protocol.runs_large_eps:
-        record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0))
-    return correct, solver_stats
+        record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0, targets))
+    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats
 
 
 def evaluate(
@@ -130,14 +155,18 @@ def evaluate(
         images: torch.Tensor,
         labels: torch.Tensor,
         protocol: AttackProtocol,
-        batch_size: int = 128,
+        batch_size: Optional[int] = None,
         noise: Optional[NoiseSource] = None,
         accelerator: Optional[Accelerator] = None,
+        attack_all: bool = False,
 ) -> Dict[str, EntryOutcome]:
     """Evaluate every entry on ``images`` (N, C, H, W in [0, 1]) / ``labels``; see the module docstring for how the
-    work is shared between processes. Returns the outcome of each entry by name, on every process."""
+    work is shared between processes. Returns the outcome of each entry by name, on every process. ``attack_all``
+    attacks the examples misclassified clean too (as before the skipping; the tests compare the two)."""
     accelerator = accelerator or make_accelerator()
     noise = noise or ComputedNoise()
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE.get(accelerator.device.type, DEFAULT_BATCH_SIZE['cpu'])
     if batch_size < 1:
         raise EvaluationInputError(f'--batch-size must be positive, got {batch_size}')
     names = [entry.name for entry in entries]
@@ -158,7 +187,7 @@ def evaluate(
         x, y = images[indices].to(accelerator.device), labels[indices].to(accelerator.device)
         for entry in entries:
             progress.set_postfix_str(entry.name)
-            correct, stats = _evaluate_batch(entry, x, y, noisy, protocol, batch_seed)
+            correct, stats = _evaluate_batch(entry, x, y, noisy, protocol, batch_seed, attack_all)
             records.append((batch_index, entry.name, correct, stats))
             progress.update()
     progress.close()
