@@ -1,4 +1,4 @@
-"""The attack protocol (DESIGN.md §4) and one function that runs each attack, on [0, 1] images.
+"""The attack protocol and one function that runs each attack, on [0, 1] images.
 
 Which library does what:
 

@@ -13,6 +13,7 @@ attack and is not attacked (noise is a corruption, not an attack: it is measured
 corruption accuracy is); the black-box check attacks only the examples that survived every white-box attack.
 """
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -49,10 +50,12 @@ class EntryOutcome:
     ``correct['clean']`` and ``correct['large_eps']`` have shape (N,), ``correct['noise']`` (4 corruptions, 5
     severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack`` (len(eps), N) and ``blackbox``
     (len(protocol.blackbox_eps), N): correct under every white-box attack and Square. ``solver_stats``
-    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver).
+    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver); ``seconds`` to
+    the time spent in it, summed over the batches (of every process), for ``benchmarks/bench_eval.py``.
     """
     correct: Dict[str, torch.Tensor]
     solver_stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)
 
 
 def make_accelerator() -> Accelerator:
@@ -104,19 +107,23 @@ def _evaluate_batch(
         protocol: AttackProtocol,
         batch_seed: int,
         attack_all: bool = False,
-) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]]]:
-    """Correctness of ``entry`` on one batch for every phase of the protocol, and its solver stats per phase.
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]], Dict[str, float]]:
+    """Correctness of ``entry`` on one batch for every phase of the protocol, its solver stats and seconds per phase.
 
     The white-box attacks and the large-ε check attack the examples correct clean (every example with
     ``attack_all``, the old way, kept to test that the skipping changes nothing else); the black-box check attacks
     the examples that survived every white-box attack at its ε."""
     model, device = entry.module, images.device
-    correct, solver_stats = {}, {}
+    correct, solver_stats, seconds = {}, {}, {}
 
     def record(phase: str, compute: Callable[[], torch.Tensor]) -> None:
         """Run one phase; its solver statistics are those of the solves made during it, not earlier ones."""
         reset_solver_stats_of(model)
+        start = time.perf_counter()
         correct[phase] = compute()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        seconds[phase] = time.perf_counter() - start
         stats = solver_stats_of(model)
         if stats:
             solver_stats[phase] = stats
@@ -147,7 +154,7 @@ def _evaluate_batch(
                                                 for i, eps in enumerate(protocol.blackbox_eps)]))
     if protocol.runs_large_eps:
         record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0, targets))
-    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats
+    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats, seconds
 
 
 def evaluate(
@@ -187,8 +194,8 @@ def evaluate(
         x, y = images[indices].to(accelerator.device), labels[indices].to(accelerator.device)
         for entry in entries:
             progress.set_postfix_str(entry.name)
-            correct, stats = _evaluate_batch(entry, x, y, noisy, protocol, batch_seed, attack_all)
-            records.append((batch_index, entry.name, correct, stats))
+            records.append((batch_index, entry.name,
+                            *_evaluate_batch(entry, x, y, noisy, protocol, batch_seed, attack_all)))
             progress.update()
     progress.close()
 
@@ -197,9 +204,10 @@ def evaluate(
     records.sort(key=lambda record: record[0])
     outcomes = {}
     for entry in entries:
-        mine = [(correct, stats) for _, name, correct, stats in records if name == entry.name]
-        correct = {phase: torch.cat([c[phase] for c, _ in mine], dim=-1) for phase in mine[0][0]}
-        phases = [p for p in PHASES if any(p in s for _, s in mine)]
-        solver_stats = {p: aggregate_solver_stats([s[p] for _, s in mine if p in s]) for p in phases}
-        outcomes[entry.name] = EntryOutcome(correct, solver_stats)
+        mine = [(correct, stats, seconds) for _, name, correct, stats, seconds in records if name == entry.name]
+        correct = {phase: torch.cat([c[phase] for c, _, _ in mine], dim=-1) for phase in mine[0][0]}
+        phases = [p for p in PHASES if any(p in s for _, s, _ in mine)]
+        solver_stats = {p: aggregate_solver_stats([s[p] for _, s, _ in mine if p in s]) for p in phases}
+        seconds = {phase: sum(t[phase] for _, _, t in mine) for phase in mine[0][0]}
+        outcomes[entry.name] = EntryOutcome(correct, solver_stats, seconds)
     return outcomes
