@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--threads', type=int, default=1, help='torch threads (default 1: a shared 2-core machine)')
     parser.add_argument('--before', default=None, metavar='DIR', help='a checkout whose evaluate() to time too')
+    parser.add_argument('--totals-only', action='store_true', help='with --before: only the two whole-protocol times')
     parser.add_argument('--json', default=None, help='write the results here')
     return parser.parse_args(argv)
 
@@ -135,6 +136,8 @@ def summarize(rounds: List[Dict[str, Dict[str, float]]]) -> Dict:
     """Median and spread per variant and phase; ratios of the medians to the bare call; the trust checks' share."""
     variants = rounds[0].keys()
     out = {v: {phase: _spread([r[v][phase] for r in rounds]) for phase in rounds[0][v]} for v in variants}
+    if 'evaluator' not in out:
+        return out
     evaluator = {phase: s['median'] for phase, s in out['evaluator'].items()}
     phases = [p for p in out['bare'] if p in evaluator]
     out['ratio_to_bare'] = {p: evaluator[p] / out['bare'][p]['median'] for p in phases}
@@ -152,16 +155,19 @@ def markdown(summary: Dict) -> str:
         s = summary[variant].get(phase)
         return '–' if s is None else f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
 
-    lines = ['| phase | evaluator s | same work s | bare s | evaluator / bare | same work / bare |',
-             '|---|---:|---:|---:|---:|---:|']
-    for phase in summary['evaluator']:
-        ratio = summary['ratio_to_bare'].get(phase)
-        same = summary['same_work_ratio_to_bare'].get(phase)
-        lines.append(f"| {phase} | {cell('evaluator', phase)} | {cell('same work', phase)} | {cell('bare', phase)} | "
-                     f"{'–' if ratio is None else f'{ratio:.2f}×'} | {'–' if same is None else f'{same:.2f}×'} |")
-    lines += ['', f"trust checks (Square + large-ε PGD): {100 * summary['trust_share_of_total']:.1f}% of the "
-                  f"evaluator's total, {100 * summary['trust_over_white_box']:.1f}% of its white-box attacks' time; "
-                  f"outside the phases: {100 * summary['harness_outside_phases']:.1f}% of the total"]
+    lines = []
+    if 'evaluator' in summary:
+        lines = ['| phase | evaluator s | same work s | bare s | evaluator / bare | same work / bare |',
+                 '|---|---:|---:|---:|---:|---:|']
+        for phase in summary['evaluator']:
+            ratio = summary['ratio_to_bare'].get(phase)
+            same = summary['same_work_ratio_to_bare'].get(phase)
+            lines.append(f"| {phase} | {cell('evaluator', phase)} | {cell('same work', phase)} | "
+                         f"{cell('bare', phase)} | {'–' if ratio is None else f'{ratio:.2f}×'} | "
+                         f"{'–' if same is None else f'{same:.2f}×'} |")
+        lines += ['', f"trust checks (Square + large-ε PGD): {100 * summary['trust_share_of_total']:.1f}% of the "
+                      f"evaluator's total, {100 * summary['trust_over_white_box']:.1f}% of its white-box attacks' "
+                      f"time; outside the phases: {100 * summary['harness_outside_phases']:.1f}% of the total"]
     if 'before' in summary:
         lines.append(f"evaluate() of the whole default protocol: before {cell('before', 'total')} s, "
                      f"after {cell('after', 'total')} s")
@@ -189,10 +195,12 @@ def main(argv=None) -> int:
         clean_acc = (predict(model, images) == labels).float().mean().item()
         rounds = []
         for r in range(args.rounds):
-            measured = {'evaluator': evaluator_phases(entry, images, labels, protocol, args.batch_size, False),
-                        'bare': bare_phases(model, batches, noisy, protocol),
-                        'same work': evaluator_phases(entry, images, labels, protocol, args.batch_size, True)}
-            measured['bare']['total'] = sum(measured['bare'].values())
+            measured = {}
+            if not args.totals_only:
+                measured = {'evaluator': evaluator_phases(entry, images, labels, protocol, args.batch_size, False),
+                            'bare': bare_phases(model, batches, noisy, protocol),
+                            'same work': evaluator_phases(entry, images, labels, protocol, args.batch_size, True)}
+                measured['bare']['total'] = sum(measured['bare'].values())
             if args.before:
                 measured['before'] = {'total': timed_checkout(args.before, export, args)}
                 measured['after'] = {'total': timed_checkout(REPO, export, args)}
