@@ -46,15 +46,16 @@ from odenet_timm.robust.seeding import derive_seed  # noqa: E402
 
 TRUST_CHECKS = ('blackbox', 'large_eps')
 WHITE_BOX = ('fgsm', 'ifgsm', 'pgd')
-# Run by `--before` in a subprocess whose PYTHONPATH is the checkout timed: the default protocol, whole-call seconds.
+# Run by `--before` in a subprocess whose PYTHONPATH is the checkout timed: that checkout's default protocol (or
+# the Square budget given), whole-call seconds.
 _TIMED_EVALUATION = '''
 import json, sys, time, torch
 from odenet_timm.robust import AttackProtocol, evaluate, load_evaluation_examples, load_export_dir
-export, n, batch_size, queries, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+export, n, batch_size, queries, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 torch.set_num_threads(threads)
 entry = load_export_dir(export, 'model')
 images, labels, _ = load_evaluation_examples('digits', None, n, entry.input_size)
-protocol = AttackProtocol(blackbox_queries=queries)
+protocol = AttackProtocol(**({} if queries == 'default' else {'blackbox_queries': int(queries)}))
 start = time.perf_counter()
 evaluate([entry], images, labels, protocol, batch_size=batch_size)
 print(json.dumps({'seconds': time.perf_counter() - start}))
@@ -68,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--n-examples', type=int, default=256)
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--eps', type=float, nargs='+', default=[8 / 255])
-    parser.add_argument('--blackbox-queries', type=int, default=1000)
+    parser.add_argument('--blackbox-queries', type=int, default=AttackProtocol.blackbox_queries,
+                        help="Square's budget (default: the protocol's; --before uses each checkout's default)")
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--threads', type=int, default=1, help='torch threads (default 1: a shared 2-core machine)')
     parser.add_argument('--before', default=None, metavar='DIR', help='a checkout whose evaluate() to time too')
@@ -122,8 +124,9 @@ def evaluator_phases(entry, images, labels, protocol, batch_size, attack_all) ->
 def timed_checkout(path: str, export: str, args: argparse.Namespace) -> float:
     """Seconds of the default protocol's ``evaluate()`` in the checkout at ``path``, in a fresh subprocess."""
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(args.threads))
+    queries = 'default' if args.blackbox_queries == AttackProtocol.blackbox_queries else str(args.blackbox_queries)
     result = subprocess.run([sys.executable, '-c', _TIMED_EVALUATION, export, str(args.n_examples),
-                             str(args.batch_size), str(args.blackbox_queries), str(args.threads)],
+                             str(args.batch_size), queries, str(args.threads)],
                             env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])['seconds']
 
@@ -202,8 +205,8 @@ def main(argv=None) -> int:
                             'same work': evaluator_phases(entry, images, labels, protocol, args.batch_size, True)}
                 measured['bare']['total'] = sum(measured['bare'].values())
             if args.before:
-                measured['before'] = {'total': timed_checkout(args.before, export, args)}
                 measured['after'] = {'total': timed_checkout(REPO, export, args)}
+                measured['before'] = {'total': timed_checkout(args.before, export, args)}
             rounds.append(measured)
             print(f'round {r + 1}/{args.rounds}: ' + json.dumps(measured), file=sys.stderr)
     summary = summarize(rounds)

@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument('--step-size', type=_eps, default=1 / 255, help='IFGSM / PGD step (default 1/255)')
     attacks.add_argument('--autoattack-version', choices=AUTOATTACK_VERSIONS, default='standard',
                          help="standard (leaderboard numbers) or fast (APGD-CE + APGD-T, 3 targets)")
-    attacks.add_argument('--blackbox-queries', type=int, default=1000,
+    attacks.add_argument('--blackbox-queries', type=int, default=AttackProtocol.blackbox_queries,
                          help='Square attack budget for the black-box trust check, run on the examples that '
-                              'survived every white-box attack (0 skips it; default 1000)')
+                              f'survived every white-box attack (0 skips it; default {AttackProtocol.blackbox_queries}:'
+                              ' a cheap check; 1000 for a thorough one)')
     attacks.add_argument('--blackbox-all-eps', action='store_true',
                          help='run the black-box check at every ε (default: the leaderboard ε only)')
     attacks.add_argument('--seed', type=int, default=0)
