@@ -26,7 +26,7 @@ from odenet_timm.robust import (
     NormalizedModel, adversarial_examples, build_leaderboard, corrupt, evaluate, load_evaluation_examples,
     load_schema, make_ensemble, validate, write_markdown,
 )
-from odenet_timm.robust.attacks import predict
+from odenet_timm.robust.attacks import LARGE_EPS_QUICK_STEPS, predict
 from odenet_timm.robust.evaluator import aggregate_solver_stats
 from odenet_timm.robust.cli import OUTPUT_FILES, main
 from odenet_timm.robust.seeding import seeded
@@ -330,13 +330,14 @@ class _CountingSolver(NormalizedModel):
 
 def test_solver_stats_are_recorded_per_phase(linear_model, digits):
     """Each phase reports the solves made during it: clean one prediction, FGSM one gradient and one prediction,
-    the ε = 0.5 PGD its steps and one prediction."""
+    the ε = 0.5 check its quick PGD's steps and two predictions (its own, which no example survives here, and the
+    evaluator's)."""
     model = _CountingSolver(linear_model.model, CIFAR10_MEAN, CIFAR10_STD)
     protocol = AttackProtocol(attacks=('fgsm',), blackbox_queries=0)
     record = _flags(_entry('solver', model), digits, protocol)
     assert record['solver_stats'] == {
         phase: {'forward_converged': True, 'forward_solves': forwards}
-        for phase, forwards in (('clean', 1), ('fgsm', 2), ('large_eps', protocol.steps + 1))}
+        for phase, forwards in (('clean', 1), ('fgsm', 2), ('large_eps', LARGE_EPS_QUICK_STEPS + 2))}
     assert _flags(_entry('plain', linear_model), digits, AttackProtocol(attacks=()))['solver_stats'] is None
 
 

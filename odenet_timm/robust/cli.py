@@ -12,7 +12,7 @@ import tempfile
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..data import DatasetNotFoundError
+from ..data import DatasetError, DatasetNotFoundError
 from .. import CheckpointMismatchError
 from ..options import ParseYamlKwargs
 from .attacks import ATTACKS, AUTOATTACK_VERSIONS, DEFAULT_ATTACKS, AttackProtocol, parse_eps
@@ -20,7 +20,7 @@ from .entries import (
     ENSEMBLE_COMBINES, EvalEntry, check_finite_logits, load_export_dir, load_weights_file, make_ensemble,
 )
 from .errors import EvaluationInputError
-from .evaluator import evaluate, load_evaluation_examples, make_accelerator
+from .evaluator import DEFAULT_BATCH_SIZE, default_batch_size, evaluate, load_evaluation_examples, make_accelerator
 from .leaderboard import (
     SCHEMA_PATH, build_leaderboard, leaderboard_settings, merge_leaderboards, protocol_differences, write_csv,
     write_json, write_markdown,
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--cifar-c-dir', default=None, help='real CIFAR-10-C / CIFAR-100-C .npy files to read the '
                                                           'noise corruptions from (default: computed on the fly)')
     data.add_argument('--n-examples', type=int, default=None, help='the first N examples, in order (default: all)')
-    data.add_argument('--batch-size', type=_positive_int, default=128)
+    data.add_argument('--batch-size', type=_positive_int, default=None,
+                      help=f"examples per batch (default {DEFAULT_BATCH_SIZE['cpu']} on CPU, "
+                           f"{DEFAULT_BATCH_SIZE['cuda']} on GPU); random draws are seeded per batch")
     attacks = parser.add_argument_group('protocol')
     attacks.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(DEFAULT_ATTACKS),
                          help=f'default: {" ".join(DEFAULT_ATTACKS)} (clean accuracy is always measured)')
@@ -87,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument('--step-size', type=_eps, default=1 / 255, help='IFGSM / PGD step (default 1/255)')
     attacks.add_argument('--autoattack-version', choices=AUTOATTACK_VERSIONS, default='standard',
                          help="standard (leaderboard numbers) or fast (APGD-CE + APGD-T, 3 targets)")
-    attacks.add_argument('--blackbox-queries', type=int, default=1000,
-                         help='Square attack budget for the black-box trust check (0 skips it; default 1000)')
+    attacks.add_argument('--blackbox-queries', type=int, default=AttackProtocol.blackbox_queries,
+                         help='Square attack budget for the black-box trust check, run on the examples that '
+                              f'survived every white-box attack (0 skips it; default {AttackProtocol.blackbox_queries}:'
+                              ' a cheap check; 1000 for a thorough one)')
+    attacks.add_argument('--blackbox-all-eps', action='store_true',
+                         help='run the black-box check at every ε (default: the leaderboard ε only)')
     attacks.add_argument('--seed', type=int, default=0)
     out = parser.add_argument_group('outputs')
     out.add_argument('--output', default=None, help=f'directory for {", ".join(OUTPUT_FILES)}')
@@ -246,7 +252,8 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     """Check the whole request, evaluate, and (on the main process) write the outputs; returns the leaderboard."""
     protocol = AttackProtocol(
         attacks=tuple(args.attacks), eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
-        autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries, seed=args.seed)
+        autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries,
+        blackbox_all_eps=args.blackbox_all_eps, seed=args.seed)
     if args.output is None:
         raise EvaluationInputError('--output DIR is required to evaluate')
     board = _prepare_output(args)
@@ -257,24 +264,25 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     noise = CifarCNoise(args.cifar_c_dir) if args.cifar_c_dir else ComputedNoise()
     if args.cifar_c_dir:
         noise.check_examples(labels, entries[0].input_size[1:])
-    if board is not None:
-        settings = leaderboard_settings(protocol, args.dataset, len(labels), noise.source, args.batch_size)
-        _check_appendable(board, entries, settings, args.output)
     accelerator = make_accelerator()
+    batch_size = args.batch_size or default_batch_size(accelerator.device)  # recorded: it keys the random draws
+    if board is not None:
+        settings = leaderboard_settings(protocol, args.dataset, len(labels), noise.source, batch_size)
+        _check_appendable(board, entries, settings, args.output)
     for entry in entries:
         if not entry.is_ensemble:  # an ensemble of members with finite logits has finite outputs
-            check_finite_logits(entry, images, args.batch_size, accelerator.device)
+            check_finite_logits(entry, images, batch_size, accelerator.device)
     if accelerator.is_main_process:
         print(f'evaluating {len(entries)} entries on {len(labels)} {args.dataset} examples '
               f'({", ".join(protocol.attacks)}) on {accelerator.num_processes} process(es)', file=sys.stderr)
 
-    outcomes = evaluate(entries, images, labels, protocol, batch_size=args.batch_size, noise=noise,
+    outcomes = evaluate(entries, images, labels, protocol, batch_size=batch_size, noise=noise,
                         accelerator=accelerator)
     if not accelerator.is_main_process:
         return None
     chance_acc = round(100.0 * max(Counter(labels.tolist()).values()) / len(labels), 2)
     leaderboard = build_leaderboard(entries, outcomes, protocol, args.dataset, chance_acc, noise.source,
-                                    args.batch_size)
+                                    batch_size)
     if board is not None:
         leaderboard = merge_leaderboards(board, leaderboard)
     cards = args.cards or (board is not None and os.path.isdir(os.path.join(args.output, CARDS_DIR)))
@@ -293,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not (args.checkpoints or args.model or args.ensemble):
                 return 0
         leaderboard = run(args)
-    except (EvaluationInputError, CheckpointMismatchError, DatasetNotFoundError) as e:
+    except (EvaluationInputError, CheckpointMismatchError, DatasetNotFoundError, DatasetError) as e:
         parser.exit(2, f'{parser.prog}: error: {e}\n')
     if leaderboard is not None:
         with open(os.path.join(args.output, 'leaderboard.md')) as f:

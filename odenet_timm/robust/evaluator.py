@@ -5,9 +5,15 @@ Sharding: the N examples are cut into fixed global batches of ``batch_size`` (ba
 ``r, r + W, r + 2W, …`` and the per-example results are gathered on every process in batch order. Every random draw
 of a batch (noise, PGD's start, AutoAttack's and Square's seeds) is seeded from ``(seed, batch index, attack,
 ε index)``, and a batch is the same tensor whichever process runs it, so one process and many give the same
-numbers.
+numbers. The batch size therefore keys the draws too: pass the same ``--batch-size`` to reproduce a run on another
+machine (the default is ``DEFAULT_BATCH_SIZE`` of the device type).
+
+Work skipped (see :mod:`~odenet_timm.robust.attacks`): an example misclassified clean counts as wrong under every
+attack and is not attacked (noise is a corruption, not an attack: it is measured on every example, as RobustBench's
+corruption accuracy is); the black-box check attacks only the examples that survived every white-box attack.
 """
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,7 +23,7 @@ from accelerate.utils import gather_object
 from timm.data import create_transform
 from tqdm.auto import tqdm
 
-from ..data import create_dataset, dataset_classes
+from ..data import check_split, create_dataset, dataset_classes
 from .attacks import AttackProtocol, adversarial_examples, predict
 from .entries import EvalEntry, reset_solver_stats_of, solver_stats_of
 from .errors import EvaluationInputError
@@ -26,11 +32,20 @@ from .seeding import derive_seed, seeded
 
 __all__ = [
     'EntryOutcome', 'load_evaluation_examples', 'evaluate', 'aggregate_solver_stats', 'make_accelerator', 'PHASES',
+    'DEFAULT_BATCH_SIZE', 'default_batch_size',
 ]
 
 # Every phase of the evaluation of one batch; the position of a phase keys its random seed.
 PHASES = ('clean', 'noise', 'fgsm', 'ifgsm', 'pgd', 'autoattack', 'blackbox', 'large_eps')
 NoiseSource = Union[ComputedNoise, CifarCNoise]
+# Examples per batch by device type: on a CPU larger batches gain nothing (and shard less evenly), a GPU needs
+# hundreds of CIFAR images per pass to be busy.
+DEFAULT_BATCH_SIZE = {'cpu': 128, 'cuda': 512}
+
+
+def default_batch_size(device: torch.device) -> int:
+    """The evaluation batch size used on ``device`` when none is given (:data:`DEFAULT_BATCH_SIZE`)."""
+    return DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE['cpu'])
 
 
 @dataclass
@@ -38,11 +53,14 @@ class EntryOutcome:
     """Per-example correctness of one entry, over the N examples in order.
 
     ``correct['clean']`` and ``correct['large_eps']`` have shape (N,), ``correct['noise']`` (4 corruptions, 5
-    severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack / blackbox`` (len(eps), N). ``solver_stats``
-    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver).
+    severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack`` (len(eps), N) and ``blackbox``
+    (len(protocol.blackbox_eps), N): correct under every white-box attack and Square. ``solver_stats``
+    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver); ``seconds`` to
+    the time spent in it, summed over the batches (of every process), for ``benchmarks/bench_eval.py``.
     """
     correct: Dict[str, torch.Tensor]
     solver_stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)
 
 
 def make_accelerator() -> Accelerator:
@@ -64,6 +82,7 @@ def load_evaluation_examples(
     transform = create_transform(tuple(input_size), crop_pct=1.0, interpolation='bilinear', mean=(0, 0, 0),
                                  std=(1, 1, 1))
     ds = create_dataset(dataset, root=data_dir, split='validation', transform=transform)
+    check_split(ds, 'validation')  # an unreadable image is an error naming it, never a silent substitute
     n = len(ds) if n_examples is None else n_examples
     if not 0 < n <= len(ds):
         raise EvaluationInputError(f'--n-examples must be in 1..{len(ds)} for {dataset}, got {n_examples}')
@@ -93,36 +112,55 @@ def _evaluate_batch(
         noisy: Dict[Tuple[str, int], torch.Tensor],
         protocol: AttackProtocol,
         batch_seed: int,
-) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]]]:
-    """Correctness of ``entry`` on one batch for every phase of the protocol, and its solver stats per phase."""
+        attack_all: bool = False,
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, Any]], Dict[str, float]]:
+    """Correctness of ``entry`` on one batch for every phase of the protocol, its solver stats and seconds per phase.
+
+    The white-box attacks and the large-ε check attack the examples correct clean (every example with
+    ``attack_all``, the old way, kept to test that the skipping changes nothing else); the black-box check attacks
+    the examples that survived every white-box attack at its ε."""
     model, device = entry.module, images.device
-    correct, solver_stats = {}, {}
+    correct, solver_stats, seconds = {}, {}, {}
 
     def record(phase: str, compute: Callable[[], torch.Tensor]) -> None:
         """Run one phase; its solver statistics are those of the solves made during it, not earlier ones."""
         reset_solver_stats_of(model)
-        correct[phase] = compute().cpu()
+        start = time.perf_counter()
+        correct[phase] = compute()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        seconds[phase] = time.perf_counter() - start
         stats = solver_stats_of(model)
         if stats:
             solver_stats[phase] = stats
 
-    def attacked(attack: str, eps: float, eps_index: int) -> torch.Tensor:
+    def attacked(attack: str, eps: float, eps_index: int, active: torch.Tensor) -> torch.Tensor:
+        """Correctness under ``attack`` of the ``active`` examples; the others count as wrong."""
         seed = derive_seed(batch_seed, PHASES.index(attack), eps_index)
         with seeded(seed, device):
-            adversarial = adversarial_examples(attack, model, images, labels, eps, protocol, entry.num_classes, seed)
-        return predict(model, adversarial) == labels
+            adversarial = adversarial_examples(attack, model, images, labels, eps, protocol, entry.num_classes, seed,
+                                               active)
+        still_correct = torch.zeros_like(active)
+        if active.any():
+            still_correct[active] = predict(model, adversarial[active]) == labels[active]
+        return still_correct
 
     record('clean', lambda: predict(model, images) == labels)
+    targets = torch.ones_like(correct['clean']) if attack_all else correct['clean']
     if 'noise' in protocol.attacks:
         record('noise', lambda: torch.stack([
             torch.stack([predict(model, noisy[corruption, severity].to(device)) == labels for severity in SEVERITIES])
             for corruption in NOISE_SEVERITIES
         ]))
-    for attack in protocol.white_box + (('blackbox',) if protocol.runs_blackbox else ()):
-        record(attack, lambda: torch.stack([attacked(attack, eps, i) for i, eps in enumerate(protocol.eps)]))
+    for attack in protocol.white_box:
+        record(attack, lambda: torch.stack([attacked(attack, eps, i, targets) for i, eps in enumerate(protocol.eps)]))
+    if protocol.runs_blackbox:
+        survivors = correct['clean'] & torch.stack([correct[attack] for attack in protocol.white_box]).all(dim=0)
+        record('blackbox', lambda: torch.stack([attacked('blackbox', eps, i, survivors[i])
+                                                for i, eps in enumerate(protocol.blackbox_eps)]))
     if protocol.runs_large_eps:
-        record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0))
-    return correct, solver_stats
+        record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0, targets))
+    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats, seconds
 
 
 def evaluate(
@@ -130,14 +168,18 @@ def evaluate(
         images: torch.Tensor,
         labels: torch.Tensor,
         protocol: AttackProtocol,
-        batch_size: int = 128,
+        batch_size: Optional[int] = None,
         noise: Optional[NoiseSource] = None,
         accelerator: Optional[Accelerator] = None,
+        attack_all: bool = False,
 ) -> Dict[str, EntryOutcome]:
     """Evaluate every entry on ``images`` (N, C, H, W in [0, 1]) / ``labels``; see the module docstring for how the
-    work is shared between processes. Returns the outcome of each entry by name, on every process."""
+    work is shared between processes. Returns the outcome of each entry by name, on every process. ``attack_all``
+    attacks the examples misclassified clean too (as before the skipping; the tests compare the two)."""
     accelerator = accelerator or make_accelerator()
     noise = noise or ComputedNoise()
+    if batch_size is None:
+        batch_size = default_batch_size(accelerator.device)
     if batch_size < 1:
         raise EvaluationInputError(f'--batch-size must be positive, got {batch_size}')
     names = [entry.name for entry in entries]
@@ -158,8 +200,8 @@ def evaluate(
         x, y = images[indices].to(accelerator.device), labels[indices].to(accelerator.device)
         for entry in entries:
             progress.set_postfix_str(entry.name)
-            correct, stats = _evaluate_batch(entry, x, y, noisy, protocol, batch_seed)
-            records.append((batch_index, entry.name, correct, stats))
+            records.append((batch_index, entry.name,
+                            *_evaluate_batch(entry, x, y, noisy, protocol, batch_seed, attack_all)))
             progress.update()
     progress.close()
 
@@ -168,9 +210,10 @@ def evaluate(
     records.sort(key=lambda record: record[0])
     outcomes = {}
     for entry in entries:
-        mine = [(correct, stats) for _, name, correct, stats in records if name == entry.name]
-        correct = {phase: torch.cat([c[phase] for c, _ in mine], dim=-1) for phase in mine[0][0]}
-        phases = [p for p in PHASES if any(p in s for _, s in mine)]
-        solver_stats = {p: aggregate_solver_stats([s[p] for _, s in mine if p in s]) for p in phases}
-        outcomes[entry.name] = EntryOutcome(correct, solver_stats)
+        mine = [(correct, stats, seconds) for _, name, correct, stats, seconds in records if name == entry.name]
+        correct = {phase: torch.cat([c[phase] for c, _, _ in mine], dim=-1) for phase in mine[0][0]}
+        phases = [p for p in PHASES if any(p in s for _, s, _ in mine)]
+        solver_stats = {p: aggregate_solver_stats([s[p] for _, s, _ in mine if p in s]) for p in phases}
+        seconds = {phase: sum(t[phase] for _, _, t in mine) for phase in mine[0][0]}
+        outcomes[entry.name] = EntryOutcome(correct, solver_stats, seconds)
     return outcomes

@@ -71,7 +71,7 @@ def summarize(outcome: EntryOutcome, protocol: AttackProtocol) -> Dict:
         noise = {corruption: {'mean': _accuracy(correct['noise'][i]),
                               'severities': [_accuracy(row) for row in correct['noise'][i]]}
                  for i, corruption in enumerate(NOISE_SEVERITIES)}
-    summary = {'clean_acc': _accuracy(correct['clean']),
+    summary = {'n_examples': len(correct['clean']), 'clean_acc': _accuracy(correct['clean']),
                'noise_acc': _accuracy(correct['noise']) if noise else None,
                'noise': noise}
     for attack in ('fgsm', 'ifgsm', 'pgd', 'autoattack', 'worst_case'):

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Evaluation cost: the evaluator's phases against the bare library calls they wrap, side by side in one process.
+
+Each round (``--rounds``, round-robin) runs on the same model, examples, batches and attack settings:
+
+* ``evaluator``: :func:`odenet_timm.robust.evaluate` with the protocol (default: ``eval_robust.py``'s defaults),
+  each phase timed inside the evaluator (``EntryOutcome.seconds``), the whole call timed outside;
+* ``same work``: the same with ``attack_all=True`` (every example attacked, as the bare calls do), which isolates
+  the harness (normalizing wrapper, seeding, bookkeeping) from the work that skipping saves;
+* ``bare``: per batch, the bare torchattacks / pyautoattack call of each phase on every example plus one prediction
+  to score it (the noise phase: the predictions on the 20 corrupted batches, made beforehand as the evaluator's are).
+
+It prints, per phase, the median seconds over rounds (min–max beside them), the ratio to the bare call and the share
+of the evaluator's total taken by the trust checks (black-box Square, large-ε PGD); JSON to ``--json``, Markdown
+to stdout. ``--before DIR`` also times, alternating within each round, ``evaluate()`` of the checkout in DIR against
+this one, each in a fresh subprocess (the default protocol on the same model and examples).
+
+    python benchmarks/bench_eval.py --checkpoint runs/inresnet/export --n-examples 256
+    python benchmarks/bench_eval.py --checkpoint runs/inresnet/export --before ../odenet_timm_old --rounds 2
+
+Without ``--checkpoint`` the model is a seeded random-init ``--model`` (clean accuracy near chance, so skipping the
+misclassified examples saves most of the work: use a trained checkpoint for representative numbers).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torchattacks  # noqa: E402
+from pyautoattack.square import SquareAttack  # noqa: E402
+
+from odenet_timm.robust import AttackProtocol, evaluate, load_evaluation_examples, load_export_dir  # noqa: E402
+from odenet_timm.robust.attacks import SQUARE_P_INIT, predict  # noqa: E402
+from odenet_timm.robust.noise import NOISE_SEVERITIES, SEVERITIES, ComputedNoise  # noqa: E402
+from odenet_timm.robust.seeding import derive_seed  # noqa: E402
+
+TRUST_CHECKS = ('blackbox', 'large_eps')
+WHITE_BOX = ('fgsm', 'ifgsm', 'pgd')
+# Run by `--before` in a subprocess whose PYTHONPATH is the checkout timed: that checkout's default protocol (or
+# the Square budget given), whole-call seconds.
+_TIMED_EVALUATION = '''
+import json, sys, time, torch
+from odenet_timm.robust import AttackProtocol, evaluate, load_evaluation_examples, load_export_dir
+export, n, batch_size, queries, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+torch.set_num_threads(threads)
+entry = load_export_dir(export, 'model')
+images, labels, _ = load_evaluation_examples('digits', None, n, entry.input_size)
+protocol = AttackProtocol(**({} if queries == 'default' else {'blackbox_queries': int(queries)}))
+start = time.perf_counter()
+evaluate([entry], images, labels, protocol, batch_size=batch_size)
+print(json.dumps({'seconds': time.perf_counter() - start}))
+'''
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--checkpoint', default=None, help='export directory of a trained model (train.py RUN/export)')
+    parser.add_argument('--model', default='inresnet_20', help='random-init architecture when no --checkpoint')
+    parser.add_argument('--n-examples', type=int, default=256)
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--eps', type=float, nargs='+', default=[8 / 255])
+    parser.add_argument('--blackbox-queries', type=int, default=AttackProtocol.blackbox_queries,
+                        help="Square's budget (default: the protocol's; --before uses each checkout's default)")
+    parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (default 1: a shared 2-core machine)')
+    parser.add_argument('--before', default=None, metavar='DIR', help='a checkout whose evaluate() to time too')
+    parser.add_argument('--totals-only', action='store_true', help='with --before: only the two whole-protocol times')
+    parser.add_argument('--json', default=None, help='write the results here')
+    return parser.parse_args(argv)
+
+
+def _timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def bare_phases(model, batches, noisy, protocol: AttackProtocol) -> Dict[str, float]:
+    """Seconds of each phase as bare library calls on every example of every batch, each followed by a prediction."""
+    eps = protocol.eps
+    attacks = {
+        'fgsm': [lambda e=e: torchattacks.FGSM(model, eps=e) for e in eps],
+        'ifgsm': [lambda e=e: torchattacks.BIM(model, eps=e, alpha=protocol.step_size, steps=protocol.steps)
+                  for e in eps],
+        'pgd': [lambda e=e: torchattacks.PGD(model, eps=e, alpha=protocol.step_size, steps=protocol.steps,
+                                             random_start=True) for e in eps],
+        'large_eps': [lambda: torchattacks.PGD(model, eps=protocol.large_eps,
+                                               alpha=protocol.large_eps_step_size(protocol.steps),
+                                               steps=protocol.steps, random_start=True)],
+    }
+    seconds = {'clean': sum(_timed(lambda: predict(model, x)) for x, _ in batches),
+               'noise': sum(_timed(lambda: [predict(model, n) for n in corrupted.values()]) for corrupted in noisy)}
+    for phase in WHITE_BOX:
+        seconds[phase] = sum(_timed(lambda: predict(model, make()(x, y))) for make in attacks[phase] for x, y in batches)
+    if protocol.runs_blackbox:
+        def square(x, y):
+            attack = SquareAttack(model, norm='Linf', n_queries=protocol.blackbox_queries, eps=eps[0],
+                                  p_init=SQUARE_P_INIT, n_restarts=1, seed=0, verbose=False, device=x.device,
+                                  resc_schedule=True)
+            with torch.no_grad():
+                predict(model, attack.perturb(x, y))
+        seconds['blackbox'] = sum(_timed(lambda: square(x, y)) for x, y in batches)
+    seconds['large_eps'] = sum(_timed(lambda: predict(model, attacks['large_eps'][0]()(x, y))) for x, y in batches)
+    return seconds
+
+
+def evaluator_phases(entry, images, labels, protocol, batch_size, attack_all) -> Dict[str, float]:
+    """Seconds of each phase inside :func:`evaluate`, and the whole call (``total``)."""
+    start = time.perf_counter()
+    outcome = evaluate([entry], images, labels, protocol, batch_size=batch_size, attack_all=attack_all)[entry.name]
+    return dict(outcome.seconds, total=time.perf_counter() - start)
+
+
+def timed_checkout(path: str, export: str, args: argparse.Namespace) -> float:
+    """Seconds of the default protocol's ``evaluate()`` in the checkout at ``path``, in a fresh subprocess."""
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(args.threads))
+    queries = 'default' if args.blackbox_queries == AttackProtocol.blackbox_queries else str(args.blackbox_queries)
+    result = subprocess.run([sys.executable, '-c', _TIMED_EVALUATION, export, str(args.n_examples),
+                             str(args.batch_size), queries, str(args.threads)],
+                            env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])['seconds']
+
+
+def _spread(values: List[float]) -> Dict[str, float]:
+    return {'median': statistics.median(values), 'min': min(values), 'max': max(values)}
+
+
+def summarize(rounds: List[Dict[str, Dict[str, float]]]) -> Dict:
+    """Median and spread per variant and phase; ratios of the medians to the bare call; the trust checks' share."""
+    variants = rounds[0].keys()
+    out = {v: {phase: _spread([r[v][phase] for r in rounds]) for phase in rounds[0][v]} for v in variants}
+    if 'evaluator' not in out:
+        return out
+    evaluator = {phase: s['median'] for phase, s in out['evaluator'].items()}
+    phases = [p for p in out['bare'] if p in evaluator]
+    out['ratio_to_bare'] = {p: evaluator[p] / out['bare'][p]['median'] for p in phases}
+    out['same_work_ratio_to_bare'] = {p: out['same work'][p]['median'] / out['bare'][p]['median'] for p in phases}
+    trust = sum(evaluator.get(p, 0.0) for p in TRUST_CHECKS)
+    out['trust_share_of_total'] = trust / evaluator['total']
+    out['trust_over_white_box'] = trust / sum(evaluator[p] for p in WHITE_BOX)
+    out['harness_outside_phases'] = (evaluator['total'] - sum(v for p, v in evaluator.items() if p != 'total')) / \
+        evaluator['total']
+    return out
+
+
+def markdown(summary: Dict) -> str:
+    def cell(variant, phase):
+        s = summary[variant].get(phase)
+        return '–' if s is None else f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
+
+    lines = []
+    if 'evaluator' in summary:
+        lines = ['| phase | evaluator s | same work s | bare s | evaluator / bare | same work / bare |',
+                 '|---|---:|---:|---:|---:|---:|']
+        for phase in summary['evaluator']:
+            ratio = summary['ratio_to_bare'].get(phase)
+            same = summary['same_work_ratio_to_bare'].get(phase)
+            lines.append(f"| {phase} | {cell('evaluator', phase)} | {cell('same work', phase)} | "
+                         f"{cell('bare', phase)} | {'–' if ratio is None else f'{ratio:.2f}×'} | "
+                         f"{'–' if same is None else f'{same:.2f}×'} |")
+        lines += ['', f"trust checks (Square + large-ε PGD): {100 * summary['trust_share_of_total']:.1f}% of the "
+                      f"evaluator's total, {100 * summary['trust_over_white_box']:.1f}% of its white-box attacks' "
+                      f"time; outside the phases: {100 * summary['harness_outside_phases']:.1f}% of the total"]
+    if 'before' in summary:
+        lines.append(f"evaluate() of the whole default protocol: before {cell('before', 'total')} s, "
+                     f"after {cell('after', 'total')} s")
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        export = args.checkpoint
+        if export is None:
+            torch.manual_seed(0)
+            export = os.path.join(tmp, 'export')
+            timm.models.save_for_hf(timm.create_model(args.model), export, safe_serialization=True)
+        entry = load_export_dir(export, 'model')
+        model = entry.module
+        images, labels, _ = load_evaluation_examples('digits', None, args.n_examples, entry.input_size)
+        protocol = AttackProtocol(eps=tuple(args.eps), blackbox_queries=args.blackbox_queries)
+        batches = [(images[i:i + args.batch_size], labels[i:i + args.batch_size])
+                   for i in range(0, len(labels), args.batch_size)]
+        noisy = [ComputedNoise().corrupted(x, list(range(i * args.batch_size, i * args.batch_size + len(x))),
+                                           derive_seed(protocol.seed, i)) for i, (x, _) in enumerate(batches)]
+        assert all(len(n) == len(NOISE_SEVERITIES) * len(SEVERITIES) for n in noisy)
+        clean_acc = (predict(model, images) == labels).float().mean().item()
+        rounds = []
+        for r in range(args.rounds):
+            measured = {}
+            if not args.totals_only:
+                measured = {'evaluator': evaluator_phases(entry, images, labels, protocol, args.batch_size, False),
+                            'bare': bare_phases(model, batches, noisy, protocol),
+                            'same work': evaluator_phases(entry, images, labels, protocol, args.batch_size, True)}
+                measured['bare']['total'] = sum(measured['bare'].values())
+            if args.before:
+                measured['after'] = {'total': timed_checkout(REPO, export, args)}
+                measured['before'] = {'total': timed_checkout(args.before, export, args)}
+            rounds.append(measured)
+            print(f'round {r + 1}/{args.rounds}: ' + json.dumps(measured), file=sys.stderr)
+    summary = summarize(rounds)
+    summary['settings'] = dict(vars(args), model=entry.architecture, clean_acc=clean_acc,
+                               protocol=protocol.describe()['libraries'], torch_threads=torch.get_num_threads())
+    print(markdown(summary))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
