@@ -1,5 +1,7 @@
 """Stability analysis: matrix-free spectral norms and eigenvalues against dense Jacobians on a block of every family,
 Haber & Ruthotto's linear ODEs, perturbation growth of identity and scaled networks, block discovery, bad input."""
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -192,3 +194,45 @@ def test_zero_eps_is_refused():
 def test_eigenvalues_of_a_shape_changing_block_are_refused():
     with pytest.raises(AnalysisInputError, match=r'changes the state shape \(1, 2\) -> \(1, 3\)'):
         leading_eigenvalues(nn.Linear(2, 3).double(), torch.randn(1, 2, dtype=torch.float64))
+
+
+# -- eval_robust.py --stability -------------------------------------------------------------------------------------
+def test_the_stability_section_adds_columns_files_and_figures(tmp_path):
+    from odenet_timm.robust.cli import main
+    from odenet_timm.robust.leaderboard import SCHEMA_PATH
+    from odenet_timm.robust.schema import load_schema, validate
+    exports = []
+    for name, arch in (('res', 'cifar_resnet_20'), ('inres', 'inresnet_20')):
+        exports.append(str(tmp_path / name))
+        timm.models.save_for_hf(timm.create_model(arch, layers=(2, 1, 1), widths=(2, 2, 2)).eval(), exports[-1],
+                                safe_serialization=True)
+    output = tmp_path / 'out'
+    assert main(['--checkpoints', *exports, '--ensemble', f'ens={exports[0]},{exports[1]}', '--attacks', 'clean',
+                 'pgd', '--steps', '2', '--n-examples', '4', '--blackbox-queries', '0', '--stability',
+                 '--stability-examples', '3', '--output', str(output)]) == 0
+    leaderboard = json.loads((output / 'leaderboard.json').read_text())
+    assert validate(leaderboard, load_schema(SCHEMA_PATH)) == []
+    analyses = json.loads((output / 'stability.json').read_text())['entries']
+    records = {e['name']: e for e in leaderboard['entries']}
+    for name in ('res', 'inres'):
+        growth = analyses[name]['growth']['pgd']
+        assert len(growth['median']) == 4 and analyses[name]['n_examples'] == 3
+        assert records[name]['max_block_growth'] == pytest.approx(max(growth['median']), abs=1e-4)
+        assert records[name]['lipschitz_median'] == pytest.approx(analyses[name]['lipschitz']['median'], abs=1e-4)
+        assert [b['spectra'] is not None for b in analyses[name]['blocks']] == [False, True, False, False]
+    assert len(analyses['inres']['interpolation_coefficients']) == 1 and analyses['res']['interpolation_coefficients'] is None
+    assert records['ens']['max_block_growth'] == max(records['res']['max_block_growth'],
+                                                     records['inres']['max_block_growth'])
+    assert 'Lipschitz (median)' in (output / 'leaderboard.md').read_text()
+    assert (output / 'leaderboard.csv').read_text().splitlines()[0].endswith('lipschitz_median,max_block_growth')
+    for png in ('stability_growth.png', 'stability_spectra.png', 'stability_lambdas.png'):
+        assert (output / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_stability_examples_must_be_positive(tmp_path, capsys):
+    from odenet_timm.robust.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--model', 'inresnet_20', '--weights', str(tmp_path / 'w.safetensors'), '--stability',
+              '--stability-examples', '0', '--output', str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert '--stability-examples must be positive, got 0' in capsys.readouterr().err
