@@ -9,7 +9,7 @@ and a sigmoid. ResNet: ``y + h F(y)``; trapezoidal: ``y' = y + h/2 (F(y) + F(y')
 of the spirals is held out for validation. Reports validation accuracy, loss curves (PNG) and the perturbation growth
 through the blocks (``odenet_timm.analysis``).
 
-    PYTHONPATH=. python examples/two_spirals.py [--seeds 3] [--epochs 200] [--output examples/two_spirals.png]
+    PYTHONPATH=. python examples/two_spirals.py [--seeds 3] [--epochs 150] [--output examples/two_spirals.png]
 """
 import argparse
 import math
@@ -124,7 +124,7 @@ def train(kind, seed, data, args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--seeds', type=int, default=3)
-    parser.add_argument('--epochs', type=int, default=200)
+    parser.add_argument('--epochs', type=int, default=150)
     parser.add_argument('--width', type=int, default=4)
     parser.add_argument('--depth', type=int, default=10)
     parser.add_argument('--h', type=float, default=0.5)
