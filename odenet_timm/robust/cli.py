@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument('--blackbox-all-eps', action='store_true',
                          help='run the black-box check at every ε (default: the leaderboard ε only)')
     attacks.add_argument('--seed', type=int, default=0)
+    stability = parser.add_argument_group('stability analysis')
+    stability.add_argument('--stability', action='store_true',
+                           help='also analyse forward stability (end-to-end Lipschitz estimate, perturbation growth '
+                                'through the blocks, block spectra, In-ResNet λ): two extra leaderboard columns, '
+                                'stability.json and stability_*.png')
+    stability.add_argument('--stability-examples', type=int, default=64, metavar='N',
+                           help='the first N evaluated examples are analysed (default 64)')
     out = parser.add_argument_group('outputs')
     out.add_argument('--output', default=None, help=f'directory for {", ".join(OUTPUT_FILES)}')
     out.add_argument('--cards', action='store_true', help='also write OUTPUT/cards/NAME/README.md per checkpoint')
@@ -250,6 +257,11 @@ def _write_outputs(leaderboard: Dict, output: str, cards: bool, replace_cards: b
 
 def run(args: argparse.Namespace) -> Optional[dict]:
     """Check the whole request, evaluate, and (on the main process) write the outputs; returns the leaderboard."""
+    if args.stability and args.stability_examples < 1:
+        raise EvaluationInputError(f'--stability-examples must be positive, got {args.stability_examples}')
+    if args.stability and args.append:
+        raise EvaluationInputError('--stability cannot be combined with --append (the stability section covers the '
+                                   'entries of one run): evaluate all entries with --stability, or --overwrite')
     protocol = AttackProtocol(
         attacks=tuple(args.attacks), eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
         autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries,
@@ -283,6 +295,16 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     chance_acc = round(100.0 * max(Counter(labels.tolist()).values()) / len(labels), 2)
     leaderboard = build_leaderboard(entries, outcomes, protocol, args.dataset, chance_acc, noise.source,
                                     batch_size)
+    if args.overwrite:  # a stability section of the replaced board must not stay beside the new one
+        from ..analysis.section import STABILITY_FILES
+        for name in STABILITY_FILES:
+            if os.path.exists(os.path.join(args.output, name)):
+                os.remove(os.path.join(args.output, name))
+    if args.stability:
+        from ..analysis.report import StabilitySettings
+        from ..analysis.section import add_stability_section
+        add_stability_section(leaderboard, entries, images, labels, protocol, args.output,
+                              StabilitySettings(n_examples=min(args.stability_examples, len(labels)), seed=args.seed))
     if board is not None:
         leaderboard = merge_leaderboards(board, leaderboard)
     cards = args.cards or (board is not None and os.path.isdir(os.path.join(args.output, CARDS_DIR)))
@@ -306,5 +328,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if leaderboard is not None:
         with open(os.path.join(args.output, 'leaderboard.md')) as f:
             sys.stdout.write(f.read())
-        print(f'\nwrote {", ".join(OUTPUT_FILES)}{" and cards/" if args.cards else ""} to {args.output}')
+        print(f'\nwrote {", ".join(OUTPUT_FILES)}{" and cards/" if args.cards else ""}'
+              f'{" and stability.json, stability_*.png" if args.stability else ""} to {args.output}')
     return 0

@@ -34,6 +34,8 @@ _COLUMN_TITLES = {
     'clean_acc': 'clean', 'noise_acc': 'noise', 'fgsm_acc': 'FGSM', 'ifgsm_acc': 'IFGSM', 'pgd_acc': 'PGD',
     'autoattack_acc': 'AutoAttack', 'worst_case_acc': 'worst case',
 }
+# optional columns of the stability analysis (eval_robust.py --stability), present only when it ran
+STABILITY_COLUMNS = {'lipschitz_median': 'Lipschitz (median)', 'max_block_growth': 'max block growth'}
 _PACKAGES = ('torch', 'timm', 'torchattacks', 'pyautoattack', 'accelerate', 'numpy', 'huggingface_hub')
 _NUMBER_PACKAGES = ('odenet_timm', 'torch', 'timm', 'torchattacks', 'pyautoattack', 'numpy')
 """The packages whose version can change the numbers (models, attacks, random draws): boards merge only if these
@@ -245,11 +247,13 @@ def write_markdown(leaderboard: Dict, path: str) -> None:
         f"{eps_label(eps[0])}" + (f" (curves also at {', '.join(eps_label(e) for e in eps[1:])})" if len(eps) > 1 else '')
         + f" · seed {leaderboard['seed']} · accuracies in %", '',
     ]
+    stability = [c for c in STABILITY_COLUMNS if any(c in e for e in entries)]
     lines += _table(
-        ['rank', 'name', 'architecture', 'params', *(_COLUMN_TITLES[m] for m in metrics), 'trust flags'],
+        ['rank', 'name', 'architecture', 'params', *(_COLUMN_TITLES[m] for m in metrics), 'trust flags',
+         *(STABILITY_COLUMNS[c] for c in stability)],
         [[e['rank'], e['name'], e['architecture'], f"{e['params'] / 1e6:.3f}M", *(_cell(e[m]) for m in metrics),
-          _flags_cell(e)] for e in entries],
-        ['r', 'l', 'l', 'r', *('r' * len(metrics)), 'l'])
+          _flags_cell(e), *(_cell(e.get(c)) for c in stability)] for e in entries],
+        ['r', 'l', 'l', 'r', *('r' * len(metrics)), 'l', *('r' * len(stability))])
     ensembles = [e for e in entries if e['ensemble']]
     if ensembles:
         lines += ['', '## Ensembles', '', 'Averaged member probabilities, attacked as one model; improvement = '
@@ -288,7 +292,8 @@ def write_markdown(leaderboard: Dict, path: str) -> None:
 def write_csv(leaderboard: Dict, path: str) -> None:
     """One row per entry at the leaderboard ε; fired flags joined by ``;``."""
     columns = ['rank', 'name', 'kind', 'architecture', 'params', 'dataset', 'n_examples', 'eps', *LEADERBOARD_METRICS,
-               'unreliable', 'flags', 'number_forward_passes', 'checkpoint_sha256']
+               'unreliable', 'flags', 'number_forward_passes', 'checkpoint_sha256',
+               *(c for c in STABILITY_COLUMNS if any(c in e for e in leaderboard['entries']))]
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
