@@ -509,8 +509,14 @@ IMPLICIT_TINY = ['steps=[1,1,1]', 'widths=[4,8,8]']
 
 @pytest.fixture(scope='module')
 def implicit_weights(tmp_path_factory):
+    """A tiny untrained implicit network whose classifier bias favours the label of the first digits validation
+    example, so that at least that example is correct clean and gets attacked (with a backward through the solver)."""
     path = tmp_path_factory.mktemp('implicit') / 'trapezoid.safetensors'
-    save_file(timm.create_model('implicit_trapezoid_resnet', steps=[1, 1, 1], widths=[4, 8, 8]).state_dict(), path)
+    model = timm.create_model('implicit_trapezoid_resnet', steps=[1, 1, 1], widths=[4, 8, 8])
+    _, labels, _ = load_evaluation_examples('digits', None, 1, model.pretrained_cfg['input_size'])
+    with torch.no_grad():
+        model.get_classifier().bias[labels[0]] = 100.0
+    save_file(model.state_dict(), path)
     return str(path)
 
 
