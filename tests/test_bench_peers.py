@@ -95,3 +95,9 @@ def test_torchdeq_variant_equals_the_project_when_both_are_exact():
     assert bench_peers._rel(out_b, out_a) < 1e-10
     assert max(bench_peers._rel(a, b) for a, b in zip(grads_b, grads_a)) < 1e-9
     assert 'forward' not in vars(block)  # the torchdeq variant restored the block's own forward
+
+
+def test_a_tighter_torchdeq_row_says_whether_it_matched_the_projects_gradient_error():
+    assert bench_peers.match_label(1.0e-5, 1.5e-5) == 'gradient error matched'
+    assert bench_peers.match_label(1.5e-5, 1.5e-5) == 'gradient error matched'
+    assert bench_peers.match_label(3.4e-4, 1.5e-5) == 'gradient error 3.4e-04, not matched: project 1.5e-05'

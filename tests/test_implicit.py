@@ -317,3 +317,34 @@ def test_grad_checkpointing_is_refused_honestly():
     with pytest.raises(NotImplementedError, match='does not support gradient checkpointing'):
         model.set_grad_checkpointing(True)
     assert not model.grad_checkpointing
+
+
+def test_a_trapezoidal_train_step_costs_the_counted_evaluations_per_block(monkeypatch):
+    """Per block and train step (linear scheme, θ = ½): forward evaluates F once at the input with a graph, once
+    per solver iteration and once for the polish without one, and once with a graph at the returned output;
+    backward makes one vector-Jacobian product per adjoint iteration and one push to the inputs and parameters.
+    README's implicit benchmark paragraph quotes these counts."""
+    from odenet_timm.models.implicit import LipschitzResidual
+    counts = {'graph': 0, 'no_graph': 0, 'vjp': 0}
+    evaluate, grad = LipschitzResidual.evaluate, torch.autograd.grad
+
+    def counting_evaluate(y, params):
+        counts['graph' if torch.is_grad_enabled() and y.requires_grad else 'no_graph'] += 1
+        return evaluate(y, params)
+
+    def counting_grad(*args, **kwargs):
+        counts['vjp'] += 1
+        return grad(*args, **kwargs)
+    monkeypatch.setattr(LipschitzResidual, 'evaluate', staticmethod(counting_evaluate))
+    monkeypatch.setattr(torch.autograd, 'grad', counting_grad)
+
+    block = _block(channels=4, tol=1e-4, dtype=torch.float32)
+    x = torch.randn(3, 4, 8, 8, requires_grad=True)
+    out = block(x)
+    forward = dict(counts)
+    out.pow(2).sum().backward()  # the push runs inside the step's backward, as autograd.grad
+    stats = block.solver_log.records
+    forward_iterations, backward_iterations = stats['forward']['block'].iterations, stats['backward']['block'].iterations
+    assert forward_iterations >= 2 and backward_iterations >= 2  # a real solve, not the initial guess
+    assert forward == {'graph': 2, 'no_graph': forward_iterations + 1, 'vjp': 0}
+    assert counts == {'graph': 2, 'no_graph': forward_iterations + 1, 'vjp': backward_iterations + 1}
