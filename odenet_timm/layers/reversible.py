@@ -100,7 +100,13 @@ class AdditiveCoupling(nn.Module):
 
     def uncombine(self, y_target: torch.Tensor, x_source: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`combine`, ``x_t = ±(y_t − β·x_s − γ·fx)``, computed IN PLACE in ``fx`` (a buffer
-        the caller owns and no longer needs; ``y_target`` and ``x_source`` are left alone)."""
+        the caller owns and no longer needs; ``y_target`` and ``x_source`` are left alone), or out of place when
+        autograd records (an inverse taken with gradients, e.g. to differentiate a reconstruction)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (y_target, x_source, fx)):
+            out = y_target - self.scale * fx
+            if self.source_scale:
+                out = out - self.source_scale * x_source
+            return -out if self.negate_target else out
         out = torch.add(y_target, fx, alpha=-self.scale, out=fx)  # one pass, one rounding
         if self.source_scale:
             out.sub_(x_source, alpha=self.source_scale)
