@@ -173,16 +173,17 @@ class CifarStagedNet(nn.Module):
     stem output, indices 1.. the outputs of the stages. ``forward_features`` returns the last stage's
     output after the final BN-ReLU (pre-activation networks normalise once before the head).
 
-    Models take NORMALIZED input, like every timm model.
+    Models take NORMALIZED input, like every timm model. ``stem_channels`` defaults to ``stage_channels[0]`` and
+    ``stage_reductions`` to 1, 2, 4, … (the stem keeps the resolution, every later stage halves it).
     """
 
     def __init__(
             self,
             stem: nn.Module,
             stages: Sequence[nn.Module],
-            stem_channels: int,
             stage_channels: Sequence[int],
-            stage_reductions: Sequence[int],
+            stem_channels: Optional[int] = None,
+            stage_reductions: Optional[Sequence[int]] = None,
             num_classes: int = 10,
             in_chans: int = 3,
             global_pool: str = 'avg',
@@ -192,6 +193,9 @@ class CifarStagedNet(nn.Module):
         super().__init__()
         check_kwarg_types(type(self).__name__, num_classes=(num_classes, 'int'), in_chans=(in_chans, 'int'),
                           global_pool=(global_pool, 'str'), drop_rate=(drop_rate, 'number'))
+        stem_channels = stage_channels[0] if stem_channels is None else stem_channels
+        if stage_reductions is None:  # stride 1 in the first stage, then 2 in each next one
+            stage_reductions = tuple(2 ** i for i in range(len(stage_channels)))
         if len(stages) != len(stage_channels) or len(stages) != len(stage_reductions):
             raise ValueError('stages, stage_channels and stage_reductions must have the same length')
         self.num_classes = num_classes

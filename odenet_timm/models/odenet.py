@@ -132,9 +132,7 @@ class ODENet(CifarStagedNet):
         super().__init__(
             stem=ConvStem(in_chans, widths[0], norm=False),
             stages=stages,
-            stem_channels=widths[0],
             stage_channels=widths,
-            stage_reductions=tuple(2 ** i for i in range(len(widths))),
             num_classes=num_classes,
             in_chans=in_chans,
             global_pool=global_pool,
@@ -192,12 +190,12 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def odenet_small(pretrained: bool = False, **kwargs) -> ODENet:
     """ODE-Net as in the paper's MNIST experiment: 64 channels, downsampled twice, then one ODE block (dopri5)."""
-    kwargs = dict(dict(widths=(64, 64, 64), ode_blocks=(0, 0, 1)), **kwargs)
-    return _create_odenet('odenet_small', pretrained, **kwargs)
+    model_args = dict(widths=(64, 64, 64), ode_blocks=(0, 0, 1))
+    return _create_odenet('odenet_small', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def odenet_cifar(pretrained: bool = False, **kwargs) -> ODENet:
     """ODE-Net with one ODE block per resolution, widths 32-64-128 (dopri5)."""
-    kwargs = dict(dict(widths=(32, 64, 128), ode_blocks=(1, 1, 1)), **kwargs)
-    return _create_odenet('odenet_cifar', pretrained, **kwargs)
+    model_args = dict(widths=(32, 64, 128), ode_blocks=(1, 1, 1))
+    return _create_odenet('odenet_cifar', pretrained, **dict(model_args, **kwargs))

@@ -113,9 +113,7 @@ class RevNet(CifarStagedNet):
         super().__init__(
             stem=ConvStem(in_chans, widths[0], norm=True),
             stages=stages,
-            stem_channels=widths[0],
             stage_channels=widths,
-            stage_reductions=tuple(2 ** i for i in range(len(widths))),
             num_classes=num_classes,
             in_chans=in_chans,
             global_pool=global_pool,

@@ -141,9 +141,7 @@ class StableResNet(CifarStagedNet):
         super().__init__(
             stem=ConvStem(in_chans, widths[0], norm=True),
             stages=stages,
-            stem_channels=widths[0],
             stage_channels=widths,
-            stage_reductions=tuple(2 ** i for i in range(len(widths))),
             num_classes=num_classes,
             in_chans=in_chans,
             global_pool=global_pool,
@@ -181,26 +179,26 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def antisymmetric_resnet_20(pretrained: bool = False, **kwargs) -> StableResNet:
     """Antisymmetric ResNet-20: 3-3-3 blocks, widths 32-64-128, 445,418 parameters (Hamiltonian-74's budget)."""
-    kwargs = dict(dict(layers=(3, 3, 3), widths=(32, 64, 128), block='antisymmetric'), **kwargs)
-    return _create_stable('antisymmetric_resnet_20', pretrained, **kwargs)
+    model_args = dict(layers=(3, 3, 3), widths=(32, 64, 128), block='antisymmetric')
+    return _create_stable('antisymmetric_resnet_20', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def antisymmetric_resnet_56(pretrained: bool = False, **kwargs) -> StableResNet:
     """Antisymmetric ResNet-56: 9-9-9 blocks, widths 32-64-128, 1,607,978 parameters (Hamiltonian-218's budget)."""
-    kwargs = dict(dict(layers=(9, 9, 9), widths=(32, 64, 128), block='antisymmetric'), **kwargs)
-    return _create_stable('antisymmetric_resnet_56', pretrained, **kwargs)
+    model_args = dict(layers=(9, 9, 9), widths=(32, 64, 128), block='antisymmetric')
+    return _create_stable('antisymmetric_resnet_56', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def parabolic_resnet_20(pretrained: bool = False, **kwargs) -> StableResNet:
     """Parabolic ResNet-20: 3-3-3 blocks, widths 32-64-128, 445,418 parameters (Hamiltonian-74's budget)."""
-    kwargs = dict(dict(layers=(3, 3, 3), widths=(32, 64, 128), block='parabolic'), **kwargs)
-    return _create_stable('parabolic_resnet_20', pretrained, **kwargs)
+    model_args = dict(layers=(3, 3, 3), widths=(32, 64, 128), block='parabolic')
+    return _create_stable('parabolic_resnet_20', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def parabolic_resnet_56(pretrained: bool = False, **kwargs) -> StableResNet:
     """Parabolic ResNet-56: 9-9-9 blocks, widths 32-64-128, 1,607,978 parameters (Hamiltonian-218's budget)."""
-    kwargs = dict(dict(layers=(9, 9, 9), widths=(32, 64, 128), block='parabolic'), **kwargs)
-    return _create_stable('parabolic_resnet_56', pretrained, **kwargs)
+    model_args = dict(layers=(9, 9, 9), widths=(32, 64, 128), block='parabolic')
+    return _create_stable('parabolic_resnet_56', pretrained, **dict(model_args, **kwargs))
