@@ -190,10 +190,12 @@ def cifar_train_transform(
 ) -> Callable:
     """The CIFAR papers' training augmentation: reflect-pad by ``padding`` pixels, random ``size``×``size``
     crop, horizontal flip with probability ``hflip``, then ``ToTensor`` and ``Normalize(mean, std)`` (pass the
-    model's, from ``timm.data.resolve_model_data_config``). Takes a PIL image, like timm's transforms.
+    model's, from ``timm.data.resolve_model_data_config``). Takes a PIL image, like timm's transforms; an image
+    of another size is first resized (bilinear, shorter side to ``size``), as the evaluation transform does.
     """
     from torchvision import transforms
-    steps = [transforms.RandomCrop(size, padding=padding, padding_mode='reflect')]
+    steps = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+             transforms.RandomCrop(size, padding=padding, padding_mode='reflect')]
     if hflip > 0:
         steps.append(transforms.RandomHorizontalFlip(hflip))
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]

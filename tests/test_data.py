@@ -131,3 +131,8 @@ def test_cifar_train_transform_pads_by_reflection_crops_flips_and_normalizes():
         row = cifar_train_transform((0, 0, 0), (1, 1, 1), hflip=0.0)(ramp)[0, 16].numpy() * 255
         shifts.add(int(round(row[16] / 8)) - 16)  # the column that lands in the middle
     assert shifts == {-2, -1, 0, 1, 2}
+    # an image of another size is resized to ``size`` (as the evaluation transform does), not cropped from
+    halves = Image.fromarray(np.repeat(np.array([[0, 255]], dtype=np.uint8), 32, axis=1).repeat(64, axis=0))
+    small = cifar_train_transform((0, 0, 0), (1, 1, 1), size=16, padding=0, hflip=0.0)(halves.convert('RGB'))
+    assert tuple(small.shape) == (3, 16, 16)
+    assert float(small[:, :, :7].max()) == 0.0 and float(small[:, :, 9:].min()) == 1.0

@@ -157,6 +157,18 @@ def test_export_reloads_through_timm_with_identical_outputs(family, family_runs)
         assert not torch.equal(ema(x), exported(x))
 
 
+def test_img_size_trains_and_exports_at_that_size_which_the_evaluator_reads(tmp_path):
+    from odenet_timm.robust.entries import load_export_dir
+    assert run(*quick_args(tmp_path / 'zero'), '--img-size', '0') == 2 and not (tmp_path / 'zero').exists()
+    output = tmp_path / 'small'
+    assert run(*quick_args(output), '--img-size', '16') == 0
+    config = json.loads((output / 'export/config.json').read_text())
+    assert config['pretrained_cfg']['input_size'] == [3, 16, 16]
+    assert json.loads((output / 'train_config.json').read_text())['img_size'] == 16
+    assert load_export_dir(str(output / 'export'), 'small').input_size == (3, 16, 16)
+    assert records(output)[-1]['eval_top1'] > 10.0  # the digits, resized, are learnable at 16×16 too
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(family_runs, tmp_path):
     """N epochs in one go == N-1 epochs, killed, then --resume: same weights, EMA, lr, losses.
 

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='keyword arguments of timm.create_model, values parsed as YAML (layers=[1,1,1])')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
                        help='classifier outputs (default: the number of classes of the dataset)')
+    group.add_argument('--img-size', type=int, default=None, metavar='N',
+                       help="train (and export) the model at N×N input, the dataset's images resized to it "
+                            "(default: the model's input size, 32; digits are 8×8 images, so 16 loses nothing)")
     group.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False,
                        help="model.set_grad_checkpointing(): keep one tensor per block and recompute the rest in "
                             "backward (same gradients, less memory, about one more forward)")

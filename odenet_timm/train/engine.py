@@ -131,9 +131,15 @@ def micro_batch_size(args: argparse.Namespace, num_processes: int) -> int:
 
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """``timm.create_model(args.model, num_classes=..., **args.model_kwargs)``, with kwargs errors explained,
-    ``--bn-momentum`` applied to every BatchNorm layer and ``--grad-checkpointing`` turned on."""
+    ``--bn-momentum`` applied to every BatchNorm layer and ``--grad-checkpointing`` turned on. ``--img-size``
+    becomes the model's ``pretrained_cfg['input_size']``, so that the transforms and the export (which
+    ``eval_robust.py`` reads) use it."""
+    if args.img_size is not None and args.img_size < 1:
+        raise ConfigError(f'--img-size must be a positive number of pixels, got {args.img_size}')
+    overlay = dict(input_size=(3, args.img_size, args.img_size)) if args.img_size else None
     try:
-        model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
+        model = timm.create_model(args.model, num_classes=num_classes, pretrained_cfg_overlay=overlay,
+                                  **args.model_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f'{args.model} cannot be built with --model-kwargs {args.model_kwargs}: {e}') from e
     if args.grad_checkpointing:
