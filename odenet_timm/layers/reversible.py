@@ -220,11 +220,17 @@ class ReversibleSequenceFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs: torch.Tensor):
         saved = ctx.saved_tensors
-        # Nothing saved or received is written to (so backward can run again under retain_graph=True), and no
-        # state-sized copy is made: each coupling writes its reconstructed input into the buffer of its recomputed
-        # φ(x_s), and the new gradient of x_s into the buffer autograd returned for φ's input gradient.
+        # Without retain_graph, autograd lets go of the saved tensors now rather than after this backward: the
+        # lists below then hold the only references, and each saved entry of the state is freed as soon as the
+        # walk has replaced it by the reconstructed input of its step. With retain_graph they stay saved, so
+        # backward can run again.
+        ctx.maybe_clear_saved_tensors()
+        # Nothing saved or received is written to, and no state-sized copy is made: each coupling writes its
+        # reconstructed input into the buffer of its recomputed φ(x_s), and the new gradient of x_s into the buffer
+        # autograd returned for φ's input gradient.
         state = [t.detach() for t in saved[:ctx.num_outputs]]
         kept = list(saved[ctx.num_outputs:])
+        del saved
         grads = list(grad_outputs)
         # Parameter gradients are allocated up front rather than one per step between the large temporaries.
         param_grads = [torch.zeros_like(p) for p in ctx.params]
@@ -244,12 +250,14 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     ctx.rng_states[index].restore()
                 params = _step_parameters(step)
                 if isinstance(step, AdditiveCoupling):
-                    step_grads = _coupling_backward(step, state, grads, params)
+                    # the input of the first step is not needed any more: it is not reconstructed
+                    step_grads = _coupling_backward(step, state, grads, params, reconstruct=index > 0)
                 else:
                     size = kept_sizes.pop()
                     step_inputs, kept = kept[len(kept) - size:], kept[:len(kept) - size]
                     grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
                     state = [t.detach() for t in step_inputs]
+                    del step_inputs
                 accumulate(params, step_grads)
         input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
         return (None, None, None, *input_grads, *param_grads)
@@ -262,9 +270,10 @@ def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.view_as(leaf)
 
 
-def _coupling_backward(step: AdditiveCoupling, state, grads, params):
-    """Reconstruct the coupling's input from its output and push the gradients through it, replacing the
-    entries of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to."""
+def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct: bool = True):
+    """Reconstruct the coupling's input from its output (unless ``reconstruct=False``: the entry is then left
+    as it is, for a caller that no longer needs it) and push the gradients through it, replacing the entries
+    of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to."""
     t, s = step.target, step.source
     x_source = state[s].detach().requires_grad_()
     grad_target = grads[t]
@@ -274,10 +283,12 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params):
             fx = step.fn(_non_leaf(x_source))
         found = _private(torch.autograd.grad(
             fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True), grads)
-    fx = fx.detach()
-    if fx.dtype != state[t].dtype or fx.untyped_storage().data_ptr() == x_source.untyped_storage().data_ptr():
-        fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) its input
-    state[t] = step.uncombine(state[t], state[s], fx)
+    if reconstruct:
+        fx = fx.detach()
+        if fx.dtype != state[t].dtype or fx.untyped_storage().data_ptr() == x_source.untyped_storage().data_ptr():
+            fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) its input
+        state[t] = step.uncombine(state[t], state[s], fx)
+    del fx
     # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t,  dθ = γ·J_θᵀ dy_t
     grad_source = grads[s] if found[0] is None else torch.add(grads[s], found[0], alpha=step.scale, out=found[0])
     if step.source_scale:
