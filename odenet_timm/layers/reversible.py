@@ -250,7 +250,7 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     ctx.rng_states[index].restore()
                 params = _step_parameters(step)
                 if isinstance(step, AdditiveCoupling):
-                    # the input of the first step is not needed any more: it is not reconstructed
+                    # nothing needs the sequence's input: the first step does not reconstruct it
                     step_grads = _coupling_backward(step, state, grads, params, reconstruct=index > 0)
                 else:
                     size = kept_sizes.pop()
@@ -271,10 +271,13 @@ def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
 
 
 def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct: bool = True):
-    """Reconstruct the coupling's input from its output (unless ``reconstruct=False``: the entry is then left
-    as it is, for a caller that no longer needs it) and push the gradients through it, replacing the entries
-    of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to."""
+    """Reconstruct the coupling's input from its output and push the gradients through it, replacing the
+    entries of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to.
+    ``reconstruct=False`` (the caller no longer needs the input) lets go of ``state[t]`` before recomputing
+    ``φ`` instead, so that it is not held through the recomputation and its vector-Jacobian product."""
     t, s = step.target, step.source
+    if not reconstruct:
+        state[t] = None
     x_source = state[s].detach().requires_grad_()
     grad_target = grads[t]
     # Buffers are restored only after autograd.grad: BatchNorm saves its running statistics for backward.
