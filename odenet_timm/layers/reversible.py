@@ -235,10 +235,10 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         # Parameter gradients are allocated up front rather than one per step between the large temporaries.
         param_grads = [torch.zeros_like(p) for p in ctx.params]
 
-        def accumulate(params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]]):
+        def accumulate(params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]], scale: float):
             for p, g in zip(params, step_grads):
                 if g is not None:
-                    param_grads[ctx.param_index[id(p)]].add_(g)
+                    param_grads[ctx.param_index[id(p)]].add_(g, alpha=scale)
 
         kept_sizes = list(ctx.kept_sizes)  # local copies: backward may run again with retain_graph=True
         rng_devices = ctx.rng_states[0].devices if ctx.rng_states else []
@@ -252,13 +252,15 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                 if isinstance(step, AdditiveCoupling):
                     # nothing needs the sequence's input: the first step does not reconstruct it
                     step_grads = _coupling_backward(step, state, grads, params, reconstruct=index > 0)
+                    scale = step.scale  # dθ = γ·J_θᵀ dy_t, scaled as it is accumulated
                 else:
                     size = kept_sizes.pop()
                     step_inputs, kept = kept[len(kept) - size:], kept[:len(kept) - size]
                     grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
+                    scale = 1.0
                     state = [t.detach() for t in step_inputs]
                     del step_inputs
-                accumulate(params, step_grads)
+                accumulate(params, step_grads, scale)
         input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
         return (None, None, None, *input_grads, *param_grads)
 
@@ -274,7 +276,8 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct
     """Reconstruct the coupling's input from its output and push the gradients through it, replacing the
     entries of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to.
     ``reconstruct=False`` (the caller no longer needs the input) lets go of ``state[t]`` before recomputing
-    ``φ`` instead, so that it is not held through the recomputation and its vector-Jacobian product."""
+    ``φ`` instead, so that it is not held through the recomputation and its vector-Jacobian product.
+    Returns the parameter gradients ``J_θᵀ dy_t`` of ``φ``, not yet multiplied by ``γ``."""
     t, s = step.target, step.source
     if not reconstruct:
         state[t] = None
@@ -300,7 +303,7 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct
     grads[s] = grad_source
     if step.negate_target:
         grads[t] = -grad_target
-    return [None if g is None else g.mul_(step.scale) for g in found[1:]]
+    return found[1:]  # J_θᵀ dy_t: the caller accumulates γ times it
 
 
 def _recompute_backward(step: Step, step_inputs, grads, params):
