@@ -18,7 +18,9 @@ for backward) or with :class:`ReversibleSequenceFunction`, which keeps only the 
 the non-invertible steps. Its backward walks the steps in reverse; for a coupling it recomputes ``φ(x_s)``
 once under grad, which gives at the same time the reconstructed input ``x_t`` and, through one
 vector-Jacobian product, the gradients of ``x_s`` and of ``φ``'s parameters (Gomez et al., Algorithm 1).
-Activation memory is therefore that of one ``φ`` plus a few state-sized tensors, whatever the depth.
+Activation memory is therefore that of one ``φ`` plus a few state-sized tensors, whatever the depth; and,
+unless backward runs with ``retain_graph``, each saved entry of the final state is freed as soon as backward has
+reconstructed the input of its step (the first step's output entry before its recomputation).
 
 The Function
 
