@@ -32,9 +32,10 @@ First, every variant must compute the same outputs and gradients (reversible: ag
 every float32 variant's output is within 10× its tolerance of that reference; float32 gradient errors are
 reported, not bounded: through ReLU kinks they are up to ~100× the output errors); the script stops with an
 error naming the row and the variant otherwise. Then the variants are timed round-robin, ``--rounds`` rounds of ``--steps`` steps each (the
-median and min–max over rounds are reported, ratios round by round), and one more step of each is measured for
+median and min–max over rounds are reported, ratios round by round, of wall time and of the process's CPU time), and one more step of each is measured for
 peak tensor memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocator's own allocation and free
-records (``torch.profiler``, ``profile_memory=True``) summed in time order (see ``bench_models.py``).
+records (``torch.profiler``, ``profile_memory=True``) summed in time order (see ``bench_models.py``), after one
+profiled step of the same variant so that every variant's frees of what the previous step left are counted.
 Ratios are project / peer: below 1 the project is faster or smaller. Prints JSON and a Markdown table and
 writes ``--json``.
 """
@@ -403,29 +404,50 @@ def check_reversible(name, steps, tol, log):
             raise SystemExit(f'{name} / {kind}: output or gradients differ from plain autograd ({worst:.1e} > {tol:g})')
 
 
+def peak_memory_mb(step, cuda):
+    """Peak tensor memory of one ``step`` (``bench_models.step_tensor_peak_mb``) that follows a step of the SAME
+    variant under the memory profiler. On CPU the profiler counts a free only for a block allocated while it
+    recorded memory: the variants share their modules, so without this warm-up the gradients a step frees as it
+    starts would count as freed for a variant measured just after another's profiled step, and not for the one
+    measured first (about the size of the gradients; the whole model: 6 MB in the first one's disfavour)."""
+    if not cuda:
+        step_tensor_peak_mb(step, cuda)
+    return step_tensor_peak_mb(step, cuda)
+
+
 def measure(steps, rounds, n_steps, sync, cuda):
-    """Round-robin timing (seconds per step, per round) and one peak-memory step per variant."""
+    """Round-robin timing (seconds per step, per round: wall time, and the process's CPU time, which on a shared
+    machine counts the work done rather than the share of a core it got) and one peak-memory step per variant."""
     times = {kind: [] for kind in steps}
+    cpu_times = {kind: [] for kind in steps}
     for _ in range(rounds):
         for kind, step in steps.items():
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(n_steps):
                 step()
             sync()
             times[kind].append((time.perf_counter() - start) / n_steps)
-    memory = {kind: step_tensor_peak_mb(step, cuda) for kind, step in steps.items()}
-    return times, memory
+            cpu_times[kind].append((time.process_time() - cpu_start) / n_steps)
+    memory = {kind: peak_memory_mb(step, cuda) for kind, step in steps.items()}
+    return times, cpu_times, memory
 
 
-def summarise(name, times, memory, extra=None):
+def _ratio_median_and_spread(mine, values):
+    """Round-by-round ratios ``mine / values``: their median and ``[min, max]``."""
+    ratios = [a / b for a, b in zip(mine, values)]
+    return statistics.median(ratios), [min(ratios), max(ratios)]
+
+
+def summarise(name, times, cpu_times, memory, extra=None):
     rows = []
-    mine = times[PROJECT]
     for kind, values in times.items():
-        ratios = [a / b for a, b in zip(mine, values)]
+        time_ratio, time_spread = _ratio_median_and_spread(times[PROJECT], values)
+        cpu_ratio, cpu_spread = _ratio_median_and_spread(cpu_times[PROJECT], cpu_times[kind])
         row = dict(row=name, variant=kind, step_ms=1000 * statistics.median(values),
                    step_ms_spread=[1000 * min(values), 1000 * max(values)], peak_mem_mb=memory[kind],
-                   time_ratio=statistics.median(ratios), time_ratio_spread=[min(ratios), max(ratios)],
+                   time_ratio=time_ratio, time_ratio_spread=time_spread,
+                   cpu_time_ratio=cpu_ratio, cpu_time_ratio_spread=cpu_spread,
                    memory_ratio=memory[PROJECT] / memory[kind] if memory[kind] > 0 else None)
         if extra:
             row.update(extra.get(kind, {}))
@@ -435,7 +457,8 @@ def summarise(name, times, memory, extra=None):
 
 def markdown_table(rows):
     header = ['row', 'variant', 'step ms (min–max)', 'peak tensor MB', 'project / variant time (min–max)',
-              'project / variant memory', 'fwd iters', 'bwd iters', 'true residual', 'grad error']
+              'project / variant CPU time (min–max)', 'project / variant memory', 'fwd iters', 'bwd iters',
+              'true residual', 'grad error']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 
     def g(value, spec):
@@ -446,6 +469,7 @@ def markdown_table(rows):
             r['row'], r['variant'], f"{r['step_ms']:.1f} ({r['step_ms_spread'][0]:.0f}–{r['step_ms_spread'][1]:.0f})",
             g(r['peak_mem_mb'], '.1f'),
             f"{r['time_ratio']:.2f} ({r['time_ratio_spread'][0]:.2f}–{r['time_ratio_spread'][1]:.2f})",
+            f"{r['cpu_time_ratio']:.2f} ({r['cpu_time_ratio_spread'][0]:.2f}–{r['cpu_time_ratio_spread'][1]:.2f})",
             g(r['memory_ratio'], '.2f'), g(r.get('forward_iterations'), '.2f'), g(r.get('backward_iterations'), '.2f'),
             g(r.get('true_residual'), '.1e'), g(grad_error, '.1e')]) + ' |')
     return '\n'.join(lines)
@@ -486,15 +510,13 @@ def main(argv=None):
             if args.only not in name:
                 continue
             check_reversible(name, steps, args.check_tol, note)
-            times, memory = measure(steps, args.rounds, args.steps, sync, cuda)
-            results += summarise(name, times, memory)
+            results += summarise(name, *measure(steps, args.rounds, args.steps, sync, cuda))
             log(markdown_table(results[-len(steps):]))
     if args.part in ('all', 'implicit'):
         for name, steps, accuracy in implicit_rows(args, args.device, note):
             if args.only not in name:
                 continue
-            times, memory = measure(steps, args.rounds, args.steps, sync, cuda)
-            results += summarise(name, times, memory, accuracy)
+            results += summarise(name, *measure(steps, args.rounds, args.steps, sync, cuda), accuracy)
             log(markdown_table(results[-len(steps):]))
     device = torch.cuda.get_device_name() if cuda else f'cpu ({torch.get_num_threads()} threads)'
     result = dict(settings=dict(vars(args), device_name=device), checks=checks, rows=results)

@@ -18,7 +18,9 @@ for backward) or with :class:`ReversibleSequenceFunction`, which keeps only the 
 the non-invertible steps. Its backward walks the steps in reverse; for a coupling it recomputes ``φ(x_s)``
 once under grad, which gives at the same time the reconstructed input ``x_t`` and, through one
 vector-Jacobian product, the gradients of ``x_s`` and of ``φ``'s parameters (Gomez et al., Algorithm 1).
-Activation memory is therefore that of one ``φ`` plus a few state-sized tensors, whatever the depth.
+Activation memory is therefore that of one ``φ`` plus a few state-sized tensors, whatever the depth; and,
+unless backward runs with ``retain_graph``, each saved entry of the final state is freed as soon as backward has
+reconstructed the input of its step (the first step's output entry before its recomputation).
 
 The Function
 
@@ -220,19 +222,25 @@ class ReversibleSequenceFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs: torch.Tensor):
         saved = ctx.saved_tensors
-        # Nothing saved or received is written to (so backward can run again under retain_graph=True), and no
-        # state-sized copy is made: each coupling writes its reconstructed input into the buffer of its recomputed
-        # φ(x_s), and the new gradient of x_s into the buffer autograd returned for φ's input gradient.
+        # Without retain_graph, autograd lets go of the saved tensors now rather than after this backward: the
+        # lists below then hold the only references, and each saved entry of the state is freed as soon as the
+        # walk has replaced it by the reconstructed input of its step. With retain_graph they stay saved, so
+        # backward can run again.
+        ctx.maybe_clear_saved_tensors()
+        # Nothing saved or received is written to, and no state-sized copy is made: each coupling writes its
+        # reconstructed input into the buffer of its recomputed φ(x_s), and the new gradient of x_s into the buffer
+        # autograd returned for φ's input gradient.
         state = [t.detach() for t in saved[:ctx.num_outputs]]
         kept = list(saved[ctx.num_outputs:])
+        del saved
         grads = list(grad_outputs)
         # Parameter gradients are allocated up front rather than one per step between the large temporaries.
         param_grads = [torch.zeros_like(p) for p in ctx.params]
 
-        def accumulate(params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]]):
+        def accumulate(params: List[nn.Parameter], step_grads: Sequence[Optional[torch.Tensor]], scale: float):
             for p, g in zip(params, step_grads):
                 if g is not None:
-                    param_grads[ctx.param_index[id(p)]].add_(g)
+                    param_grads[ctx.param_index[id(p)]].add_(g, alpha=scale)
 
         kept_sizes = list(ctx.kept_sizes)  # local copies: backward may run again with retain_graph=True
         rng_devices = ctx.rng_states[0].devices if ctx.rng_states else []
@@ -244,13 +252,17 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     ctx.rng_states[index].restore()
                 params = _step_parameters(step)
                 if isinstance(step, AdditiveCoupling):
-                    step_grads = _coupling_backward(step, state, grads, params)
+                    # nothing needs the sequence's input: the first step does not reconstruct it
+                    step_grads = _coupling_backward(step, state, grads, params, reconstruct=index > 0)
+                    scale = step.scale  # dθ = γ·J_θᵀ dy_t, scaled as it is accumulated
                 else:
                     size = kept_sizes.pop()
                     step_inputs, kept = kept[len(kept) - size:], kept[:len(kept) - size]
                     grads, step_grads = _recompute_backward(step, step_inputs, grads, params)
+                    scale = 1.0
                     state = [t.detach() for t in step_inputs]
-                accumulate(params, step_grads)
+                    del step_inputs
+                accumulate(params, step_grads, scale)
         input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
         return (None, None, None, *input_grads, *param_grads)
 
@@ -262,10 +274,15 @@ def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.view_as(leaf)
 
 
-def _coupling_backward(step: AdditiveCoupling, state, grads, params):
+def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct: bool = True):
     """Reconstruct the coupling's input from its output and push the gradients through it, replacing the
-    entries of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to."""
+    entries of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to.
+    ``reconstruct=False`` (the caller no longer needs the input) lets go of ``state[t]`` before recomputing
+    ``φ`` instead, so that it is not held through the recomputation and its vector-Jacobian product.
+    Returns the parameter gradients ``J_θᵀ dy_t`` of ``φ``, not yet multiplied by ``γ``."""
     t, s = step.target, step.source
+    if not reconstruct:
+        state[t] = None
     x_source = state[s].detach().requires_grad_()
     grad_target = grads[t]
     # Buffers are restored only after autograd.grad: BatchNorm saves its running statistics for backward.
@@ -274,10 +291,12 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params):
             fx = step.fn(_non_leaf(x_source))
         found = _private(torch.autograd.grad(
             fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True), grads)
-    fx = fx.detach()
-    if fx.dtype != state[t].dtype or fx.untyped_storage().data_ptr() == x_source.untyped_storage().data_ptr():
-        fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) its input
-    state[t] = step.uncombine(state[t], state[s], fx)
+    if reconstruct:
+        fx = fx.detach()
+        if fx.dtype != state[t].dtype or fx.untyped_storage().data_ptr() == x_source.untyped_storage().data_ptr():
+            fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) its input
+        state[t] = step.uncombine(state[t], state[s], fx)
+    del fx
     # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t,  dθ = γ·J_θᵀ dy_t
     grad_source = grads[s] if found[0] is None else torch.add(grads[s], found[0], alpha=step.scale, out=found[0])
     if step.source_scale:
@@ -286,7 +305,7 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params):
     grads[s] = grad_source
     if step.negate_target:
         grads[t] = -grad_target
-    return [None if g is None else g.mul_(step.scale) for g in found[1:]]
+    return found[1:]  # J_θᵀ dy_t: the caller accumulates γ times it
 
 
 def _recompute_backward(step: Step, step_inputs, grads, params):
