@@ -243,14 +243,14 @@ def test_memory_efficient_training_stores_less():
     explicit = _retained_saved_bytes(timm.create_model('implicit_trapezoid_resnet', theta=0).train())
     # memory-efficient keeps one tensor per stage plus the transitions' inputs
     assert efficient < 0.4 * plain and efficient < 0.6 * explicit
-    # per block, explicit keeps x and ReLU(K₁x + b₁); plain keeps x, its output y (the next block's x), the mixed
-    # hidden activation K₂ is applied to, the graph's root G(x, y), two 1-byte ReLU masks and its inputs (the
-    # biases, which a convolution does not save): one feature map in float32, two in bytes and two biases more than
-    # explicit (batch 8, 3 blocks per stage at 16/32/64 channels, 32/16/8 pixels)
+    # per block, explicit keeps x and ReLU(K₁x + b₁); plain keeps x, its output y (the next block's x), ReLU(K₁x + b₁),
+    # ReLU(K₁y + b₁), the mixed hidden activation K₂ is applied to, the graph's root G(x, y) and its inputs (the
+    # biases, which a convolution does not save): three feature maps and two biases more than explicit (batch 8,
+    # 3 blocks per stage at 16/32/64 channels, 32/16/8 pixels)
     widths_and_sizes = ((16, 32), (32, 16), (64, 8))
     feature_maps = sum(3 * 8 * c * s * s for c, s in widths_and_sizes)
     biases = sum(3 * c for c, _ in widths_and_sizes)
-    assert plain - explicit == (4 + 2) * feature_maps + 4 * 2 * biases
+    assert plain - explicit == 4 * 3 * feature_maps + 4 * 2 * biases
     with pytest.raises(ValueError, match='memory_efficient=True needs theta=0.5'):
         timm.create_model('implicit_euler_resnet', memory_efficient=True)
 

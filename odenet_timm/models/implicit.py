@@ -59,12 +59,10 @@ class LipschitzResidual(nn.Module):
         return self.conv1.normalized_weight(), self.conv1.bias, self.conv2.normalized_weight(), self.conv2.bias
 
     @staticmethod
-    def hidden(y: torch.Tensor, params: Params, mask_only: bool = False) -> torch.Tensor:
-        """The hidden activation ``ReLU(K₁ y + b₁)``; with ``mask_only`` autograd keeps its 1-byte mask instead of
-        the activation (for callers applying ``K₂`` to a sum of activations, which ``K₂`` keeps itself)."""
+    def hidden(y: torch.Tensor, params: Params) -> torch.Tensor:
+        """The hidden activation ``ReLU(K₁ y + b₁)``."""
         w1, b1, _, _ = params
-        pre = F.conv2d(y, w1, b1, padding=1)
-        return torch.where(pre > 0, pre, 0.0) if mask_only else F.relu(pre)
+        return F.relu(F.conv2d(y, w1, b1, padding=1))
 
     @staticmethod
     def output(a: torch.Tensor, params: Params, bias_scale: float = 1.0) -> torch.Tensor:
@@ -106,13 +104,13 @@ class ImplicitBlock(nn.Module):
         # x + h[(1 − θ) F(x) + θ F(y)] = x + K₂[h(1 − θ) a(x) + hθ a(y)] + h b₂ with a = ReLU(K₁ · + b₁): one K₂
         # per evaluation, and backward's K₂ weight and input gradients serve both F(x) and F(y) at once
         hidden, output = self.residual.hidden, self.residual.output
-        a_x = hidden(x, params, mask_only=True)
+        a_x = hidden(x, params)
         explicit_hidden = a_x * (h * (1 - theta))
         with torch.no_grad():
             predictor = torch.add(x, output(a_x, params), alpha=h)
 
         def g(y):
-            mixed = torch.add(explicit_hidden, hidden(y, params, mask_only=True), alpha=h * theta)
+            mixed = torch.add(explicit_hidden, hidden(y, params), alpha=h * theta)
             return torch.add(x, output(mixed, params, h))
         return g, predictor
 
