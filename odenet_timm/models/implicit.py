@@ -73,6 +73,7 @@ class LipschitzResidual(nn.Module):
 
     @classmethod
     def evaluate(cls, y: torch.Tensor, params: Params) -> torch.Tensor:
+        """``F(y) = K₂ ReLU(K₁ y + b₁) + b₂``."""
         return cls.output(cls.hidden(y, params), params)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
