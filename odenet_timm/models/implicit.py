@@ -59,9 +59,22 @@ class LipschitzResidual(nn.Module):
         return self.conv1.normalized_weight(), self.conv1.bias, self.conv2.normalized_weight(), self.conv2.bias
 
     @staticmethod
-    def evaluate(y: torch.Tensor, params: Params) -> torch.Tensor:
-        w1, b1, w2, b2 = params
-        return F.conv2d(F.relu(F.conv2d(y, w1, b1, padding=1)), w2, b2, padding=1)
+    def hidden(y: torch.Tensor, params: Params) -> torch.Tensor:
+        """The hidden activation ``ReLU(K₁ y + b₁)``."""
+        w1, b1, _, _ = params
+        return F.relu(F.conv2d(y, w1, b1, padding=1))
+
+    @staticmethod
+    def output(a: torch.Tensor, params: Params, bias_scale: float = 1.0) -> torch.Tensor:
+        """``K₂ a + s·b₂``: ``F`` from its hidden activation ``a``; ``K₂`` is linear, so ``Σ c_i F(y_i)`` with
+        ``Σ c_i = s`` is ``output(Σ c_i hidden(y_i), s)``, one convolution for all of them."""
+        _, _, w2, b2 = params
+        return F.conv2d(a, w2, b2 if bias_scale == 1 else bias_scale * b2, padding=1)
+
+    @classmethod
+    def evaluate(cls, y: torch.Tensor, params: Params) -> torch.Tensor:
+        """``F(y) = K₂ ReLU(K₁ y + b₁) + b₂``."""
+        return cls.output(cls.hidden(y, params), params)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.evaluate(y, self.normalized_params())
@@ -89,9 +102,18 @@ class ImplicitBlock(nn.Module):
             return (lambda y: torch.add(x, Fn(torch.add(x_part, y, alpha=theta), params), alpha=h)), x
         if theta == 1:
             return (lambda y: torch.add(x, Fn(y, params), alpha=h)), x
-        fx = Fn(x, params)
-        explicit_part = torch.add(x, fx, alpha=h * (1 - theta))
-        return (lambda y: torch.add(explicit_part, Fn(y, params), alpha=h * theta)), torch.add(x, fx, alpha=h).detach()
+        # x + h[(1 − θ) F(x) + θ F(y)] = x + K₂[h(1 − θ) a(x) + hθ a(y)] + h b₂ with a = ReLU(K₁ · + b₁): one K₂
+        # per evaluation, and backward's K₂ weight and input gradients serve both F(x) and F(y) at once
+        hidden, output = self.residual.hidden, self.residual.output
+        a_x = hidden(x, params)
+        explicit_hidden = a_x * (h * (1 - theta))
+        with torch.no_grad():
+            predictor = torch.add(x, output(a_x, params), alpha=h)
+
+        def g(y):
+            mixed = torch.add(explicit_hidden, hidden(y, params), alpha=h * theta)
+            return torch.add(x, output(mixed, params, h))
+        return g, predictor
 
     def inverse_map(self, y: torch.Tensor, *params: torch.Tensor) -> Tuple[Callable, torch.Tensor]:
         """``(x ↦ x', y)`` whose fixed point is the input ``x`` of output ``y``: ``x = y − h[(1 − θ) F(x) + θ F(y)]``
