@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from odenet_timm.models.inresnet import CifarResNet
 from odenet_timm.train import main
-from odenet_timm.train.config import ConfigError, parse_args
+from odenet_timm.train.config import ConfigError, identity_differences, parse_args
 from odenet_timm.train.engine import check_args, create_model
 from odenet_timm.train.run_dir import CheckpointError, check_checkpoint, write_manifest
 
@@ -167,6 +167,14 @@ def test_img_size_trains_and_exports_at_that_size_which_the_evaluator_reads(tmp_
     assert json.loads((output / 'train_config.json').read_text())['img_size'] == 16
     assert load_export_dir(str(output / 'export'), 'small').input_size == (3, 16, 16)
     assert records(output)[-1]['eval_top1'] > 10.0  # the digits, resized, are learnable at 16×16 too
+
+
+def test_options_added_after_a_checkpoint_was_written_count_as_their_defaults_on_resume():
+    older = {'model': 'inresnet_20', 'lr': 0.1}  # a train_config.json from before --img-size existed
+    assert identity_differences(older, {**older, 'img_size': None}) == []
+    assert identity_differences(older, {**older, 'img_size': 16}) == ['img_size: None in the checkpoint, 16 now']
+    assert identity_differences({**older, 'img_size': 16}, {**older, 'img_size': None}) == [
+        'img_size: 16 in the checkpoint, None now']
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(family_runs, tmp_path):

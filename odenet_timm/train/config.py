@@ -219,7 +219,12 @@ def run_identity(options: Dict[str, Any]) -> Dict[str, Any]:
 
 def identity_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """``option: saved value in the checkpoint, current value now`` for every option on which two
-    :func:`run_identity` dicts differ."""
+    :func:`run_identity` dicts differ. An option the checkpoint does not record (added to train.py after it was
+    written, like ``--img-size``) differs only when it is now set away from its default, which computes what the
+    older train.py did."""
+    parser = build_parser()
+    saved = {**{k: parser.get_default(k) for k in current if k not in saved}, **saved}
+
     def shown(d, k):
         return repr(d[k]) if k in d else '(absent)'
     return [f'{k}: {shown(saved, k)} in the checkpoint, {shown(current, k)} now'
