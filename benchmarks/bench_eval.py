@@ -17,7 +17,7 @@ variants then alternate their order from round to round. It prints, per phase, t
 (min–max beside them), the median of the per-round ratios to the bare call (min–max beside it) and the share of
 the evaluator's total taken by the trust checks (black-box Square, large-ε PGD); JSON to ``--json``, Markdown
 to stdout. ``--before DIR`` also times, alternating within each round, ``evaluate()`` of the checkout in DIR against
-this one, each in a fresh subprocess (the default protocol on the same model and examples).
+this one, each in a fresh subprocess (the default protocol on the same model and examples), in wall and CPU time.
 
     python benchmarks/bench_eval.py --checkpoint runs/inresnet/export --n-examples 256
     python benchmarks/bench_eval.py --checkpoint runs/inresnet/export --before ../odenet_timm_old --rounds 2
@@ -53,7 +53,8 @@ from odenet_timm.robust.seeding import derive_seed  # noqa: E402
 TRUST_CHECKS = ('blackbox', 'large_eps')
 WHITE_BOX = ('fgsm', 'ifgsm', 'pgd')
 # Run by `--before` in a subprocess whose PYTHONPATH is the checkout timed: that checkout's default protocol (or
-# the Square budget given), whole-call seconds.
+# the Square budget given), whole-call seconds of wall and of CPU time (the process's: what a loaded machine's
+# other processes do not inflate).
 _TIMED_EVALUATION = '''
 import json, sys, time, torch
 from odenet_timm.robust import AttackProtocol, evaluate, load_evaluation_examples, load_export_dir
@@ -62,9 +63,9 @@ torch.set_num_threads(threads)
 entry = load_export_dir(export, 'model')
 images, labels, _ = load_evaluation_examples('digits', None, n, entry.input_size)
 protocol = AttackProtocol(**({} if queries == 'default' else {'blackbox_queries': int(queries)}))
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 evaluate([entry], images, labels, protocol, batch_size=batch_size)
-print(json.dumps({'seconds': time.perf_counter() - start}))
+print(json.dumps({'total': time.perf_counter() - start, 'cpu': time.process_time() - cpu_start}))
 '''
 
 
@@ -140,14 +141,15 @@ def evaluator_phases(entry, images, labels, protocol, batch_size, attack_all) ->
     return dict(outcome.seconds, total=time.perf_counter() - start)
 
 
-def timed_checkout(path: str, export: str, args: argparse.Namespace) -> float:
-    """Seconds of the default protocol's ``evaluate()`` in the checkout at ``path``, in a fresh subprocess."""
+def timed_checkout(path: str, export: str, args: argparse.Namespace) -> Dict[str, float]:
+    """Wall (``total``) and CPU (``cpu``) seconds of the default protocol's ``evaluate()`` in the checkout at
+    ``path``, in a fresh subprocess."""
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(args.threads))
     queries = 'default' if args.blackbox_queries == AttackProtocol.blackbox_queries else str(args.blackbox_queries)
     result = subprocess.run([sys.executable, '-c', _TIMED_EVALUATION, export, str(args.n_examples),
                              str(args.batch_size), queries, str(args.threads)],
                             env=env, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])['seconds']
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _spread(values: List[float]) -> Dict[str, float]:
@@ -195,7 +197,8 @@ def markdown(summary: Dict) -> str:
                       f"time; outside the phases: {100 * summary['harness_outside_phases']:.1f}% of the total"]
     if 'before' in summary:
         lines.append(f"evaluate() of the whole default protocol: before {cell('before', 'total')} s, "
-                     f"after {cell('after', 'total')} s")
+                     f"after {cell('after', 'total')} s of wall time; before {cell('before', 'cpu')} s, "
+                     f"after {cell('after', 'cpu')} s of CPU time")
     return '\n'.join(lines)
 
 
@@ -229,8 +232,8 @@ def main(argv=None) -> int:
         else:
             warm_up(entry, images, labels, protocol, batches, args.batch_size)
         if args.before:
-            variants['after'] = lambda: {'total': timed_checkout(REPO, export, args)}
-            variants['before'] = lambda: {'total': timed_checkout(args.before, export, args)}
+            variants['after'] = lambda: timed_checkout(REPO, export, args)
+            variants['before'] = lambda: timed_checkout(args.before, export, args)
         rounds = []
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
