@@ -4,20 +4,22 @@
 Each round (``--rounds``, round-robin) runs on the same model, examples, batches and attack settings:
 
 * ``evaluator``: :func:`odenet_timm.robust.evaluate` with the protocol (default: ``eval_robust.py``'s defaults),
-  each phase timed inside the evaluator (``EntryOutcome.seconds``), the whole call timed outside;
+  each phase timed inside the evaluator (``EntryOutcome.cpu_seconds``), the whole call timed outside;
 * ``same work``: the same with ``attack_all=True`` (every example attacked, as the bare calls do), which isolates
   the harness (normalizing wrapper, seeding, bookkeeping) from the work that skipping saves;
 * ``bare``: per batch, the bare torchattacks / pyautoattack call of each phase on every example plus one prediction
   to score it (the noise phase: the predictions on the 20 corrupted batches, made beforehand as the evaluator's are;
-  Square: on the first ``blackbox_share`` of the batch, as many as the evaluator attacks when every example survives).
+  Square: on as many examples of the batch as the evaluator attacks when every example survives).
 
 Before the timed rounds one untimed warm-up runs the evaluator (2 attack steps, 2 Square queries) and a bare FGSM
 per batch, so that no variant pays for the first passes at a batch shape (kernel selection, allocator growth); the
-variants then alternate their order from round to round. It prints, per phase, the median seconds over rounds
-(min–max beside them), the median of the per-round ratios to the bare call (min–max beside it) and the share of
-the evaluator's total taken by the trust checks (black-box Square, large-ε PGD); JSON to ``--json``, Markdown
-to stdout. ``--before DIR`` also times, alternating within each round, ``evaluate()`` of the checkout in DIR against
-this one, each in a fresh subprocess (the default protocol on the same model and examples), in wall and CPU time.
+variants then alternate their order from round to round. Times are the process's CPU seconds (one torch thread
+by default), which the other processes of a shared machine inflate far less than wall time. It prints, per
+phase, the median seconds over rounds (min–max beside them), the median of the per-round ratios to the bare call
+(min–max beside it) and the share of the evaluator's total taken by the trust checks (black-box Square, large-ε
+PGD); JSON to ``--json``, Markdown to stdout. ``--before DIR`` also times, alternating within each round,
+``evaluate()`` of the checkout in DIR against this one, each in a fresh subprocess (the default protocol on the
+same model and examples), in wall and CPU time.
 
     python benchmarks/bench_eval.py --checkpoint runs/inresnet/export --n-examples 256
     python benchmarks/bench_eval.py --checkpoint runs/inresnet/export --before ../odenet_timm_old --rounds 2
@@ -46,7 +48,7 @@ import torchattacks  # noqa: E402
 from pyautoattack.square import SquareAttack  # noqa: E402
 
 from odenet_timm.robust import AttackProtocol, evaluate, load_evaluation_examples, load_export_dir  # noqa: E402
-from odenet_timm.robust.attacks import SQUARE_P_INIT, predict  # noqa: E402
+from odenet_timm.robust.attacks import BLACKBOX_MIN_SAMPLE, SQUARE_P_INIT, predict  # noqa: E402
 from odenet_timm.robust.noise import NOISE_SEVERITIES, SEVERITIES, ComputedNoise  # noqa: E402
 from odenet_timm.robust.seeding import derive_seed  # noqa: E402
 
@@ -90,9 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
+    """CPU seconds of ``run`` (this process's, like the evaluator's ``cpu_seconds``)."""
+    start = time.process_time()
     run()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def bare_phases(model, batches, noisy, protocol: AttackProtocol) -> Dict[str, float]:
@@ -117,7 +120,7 @@ def bare_phases(model, batches, noisy, protocol: AttackProtocol) -> Dict[str, fl
             attack = SquareAttack(model, norm='Linf', n_queries=protocol.blackbox_queries, eps=eps[0],
                                   p_init=SQUARE_P_INIT, n_restarts=1, seed=0, verbose=False, device=x.device,
                                   resc_schedule=True)
-            sample = math.ceil(protocol.blackbox_share * len(x))
+            sample = min(len(x), max(math.ceil(protocol.blackbox_share * len(x)), BLACKBOX_MIN_SAMPLE))
             with torch.no_grad():
                 predict(model, attack.perturb(x[:sample], y[:sample]))
         seconds['blackbox'] = sum(_timed(lambda: square(x, y)) for x, y in batches)
@@ -135,10 +138,10 @@ def warm_up(entry, images, labels, protocol, batches, batch_size) -> None:
 
 
 def evaluator_phases(entry, images, labels, protocol, batch_size, attack_all) -> Dict[str, float]:
-    """Seconds of each phase inside :func:`evaluate`, and the whole call (``total``)."""
-    start = time.perf_counter()
+    """CPU seconds of each phase inside :func:`evaluate`, and of the whole call (``total``)."""
+    start = time.process_time()
     outcome = evaluate([entry], images, labels, protocol, batch_size=batch_size, attack_all=attack_all)[entry.name]
-    return dict(outcome.seconds, total=time.perf_counter() - start)
+    return dict(outcome.cpu_seconds, total=time.process_time() - start)
 
 
 def timed_checkout(path: str, export: str, args: argparse.Namespace) -> Dict[str, float]:

@@ -58,12 +58,14 @@ class EntryOutcome:
     severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack`` (len(eps), N) and ``blackbox``
     (len(protocol.blackbox_eps), N): correct under every white-box attack and not broken by Square;
     ``correct['blackbox_attacked']`` (same shape) marks the survivors Square attacked. ``solver_stats``
-    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver); ``seconds`` to
+    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver); ``seconds`` and
+    ``cpu_seconds`` (this process's CPU time, which other processes on a shared machine do not inflate) to
     the time spent in it, summed over the batches (of every process), for ``benchmarks/bench_eval.py``.
     """
     correct: Dict[str, torch.Tensor]
     solver_stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
+    cpu_seconds: Dict[str, float] = field(default_factory=dict)
 
 
 def make_accelerator() -> Accelerator:
@@ -123,16 +125,17 @@ def _evaluate_batch(
     ``attack_all``, the old way, kept to test that the skipping changes nothing else); the black-box check attacks
     a seeded random ``blackbox_share`` of the examples that survived every white-box attack at its ε."""
     model, device = entry.module, images.device
-    correct, solver_stats, seconds = {}, {}, {}
+    correct, solver_stats, seconds, cpu_seconds = {}, {}, {}, {}
 
     def record(phase: str, compute: Callable[[], torch.Tensor]) -> None:
         """Run one phase; its solver statistics are those of the solves made during it, not earlier ones."""
         reset_solver_stats_of(model)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         correct[phase] = compute()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         seconds[phase] = time.perf_counter() - start
+        cpu_seconds[phase] = time.process_time() - cpu_start
         stats = solver_stats_of(model)
         if stats:
             solver_stats[phase] = stats
@@ -167,7 +170,7 @@ def _evaluate_batch(
                                                 for i, eps in enumerate(protocol.blackbox_eps)]))
     if protocol.runs_large_eps:
         record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0, targets))
-    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats, seconds
+    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats, seconds, cpu_seconds
 
 
 def evaluate(
@@ -217,10 +220,10 @@ def evaluate(
     records.sort(key=lambda record: record[0])
     outcomes = {}
     for entry in entries:
-        mine = [(correct, stats, seconds) for _, name, correct, stats, seconds in records if name == entry.name]
-        correct = {phase: torch.cat([c[phase] for c, _, _ in mine], dim=-1) for phase in mine[0][0]}
-        phases = [p for p in PHASES if any(p in s for _, s, _ in mine)]
-        solver_stats = {p: aggregate_solver_stats([s[p] for _, s, _ in mine if p in s]) for p in phases}
-        seconds = {phase: sum(t[phase] for _, _, t in mine) for phase in mine[0][2]}
-        outcomes[entry.name] = EntryOutcome(correct, solver_stats, seconds)
+        mine = [(correct, stats, wall, cpu) for _, name, correct, stats, wall, cpu in records if name == entry.name]
+        correct = {phase: torch.cat([c[phase] for c, *_ in mine], dim=-1) for phase in mine[0][0]}
+        phases = [p for p in PHASES if any(p in s for _, s, *_ in mine)]
+        solver_stats = {p: aggregate_solver_stats([s[p] for _, s, *_ in mine if p in s]) for p in phases}
+        seconds, cpu_seconds = ({phase: sum(m[k][phase] for m in mine) for phase in mine[0][k]} for k in (2, 3))
+        outcomes[entry.name] = EntryOutcome(correct, solver_stats, seconds, cpu_seconds)
     return outcomes
