@@ -149,9 +149,10 @@ def timed_checkout(path: str, export: str, args: argparse.Namespace) -> Dict[str
     ``path``, in a fresh subprocess."""
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(args.threads))
     queries = 'default' if args.blackbox_queries == AttackProtocol.blackbox_queries else str(args.blackbox_queries)
-    result = subprocess.run([sys.executable, '-c', _TIMED_EVALUATION, export, str(args.n_examples),
+    # run from inside the checkout: `python -c` puts the working directory before PYTHONPATH on sys.path
+    result = subprocess.run([sys.executable, '-c', _TIMED_EVALUATION, os.path.abspath(export), str(args.n_examples),
                              str(args.batch_size), queries, str(args.threads)],
-                            env=env, capture_output=True, text=True, check=True)
+                            env=env, cwd=path, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
