@@ -1,74 +1,44 @@
 """Evaluation at the cost of its attacks: skipping the examples misclassified clean changes no per-example result
 on the others, the skipped examples cost no model passes, and the black-box check (Square on the survivors of every
 white-box attack) fires on a gradient-masking model with the count as evidence and stays silent on a normal one."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torchvision.transforms as T
 
-from odenet_timm.data import create_dataset
-from odenet_timm.models._common import CIFAR10_MEAN, CIFAR10_STD
-from odenet_timm.robust import (
-    SCHEMA_PATH, AttackProtocol, EvalEntry, NormalizedModel, build_leaderboard, evaluate, load_evaluation_examples,
-    load_schema, validate,
-)
-from odenet_timm.robust.attacks import LARGE_EPS_QUICK_STEPS
+from odenet_timm.robust import SCHEMA_PATH, AttackProtocol, build_leaderboard, evaluate, load_schema, validate
+from odenet_timm.robust.attacks import BLACKBOX_MIN_SAMPLE, LARGE_EPS_QUICK_STEPS, sample_rows
 
+from robust_checks import eval_entry as _entry, first_digits, fit, linear_classifier, normalized
+
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 PHASES = ('clean', 'noise', 'fgsm', 'ifgsm', 'pgd', 'autoattack')
 # One ε and one batch: AutoAttack's iterations cost the same for few examples as for many.
 PROTOCOL = AttackProtocol(attacks=PHASES, eps=(8 / 255,), steps=5, autoattack_version='fast',
                           blackbox_queries=0)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def digits():
-    images, labels, _ = load_evaluation_examples('digits', None, 48, (3, 32, 32))
-    return images, labels
-
-
-def _fit(model: nn.Module, steps: int, n_train: int = 512) -> nn.Module:
-    """``steps`` full-batch Adam steps on the first ``n_train`` training digits (a model that errs on some digits)."""
-    train = create_dataset('digits', split='train', transform=T.ToTensor())
-    x, y = torch.stack([train[i][0] for i in range(n_train)]), torch.tensor(train.targets[:n_train])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval()
+    return first_digits(48)
 
 
 @pytest.fixture(scope='module')
 def linear_model():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = NormalizedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), CIFAR10_MEAN, CIFAR10_STD)
-    return _fit(model, steps=3)
+    """A linear classifier after 3 steps on 512 training digits: it errs on some validation digits."""
+    return linear_classifier(steps=3, lr=1e-2, n_train=512)
 
 
 @pytest.fixture(scope='module')
 def conv_model():
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = NormalizedModel(nn.Sequential(
+        model = normalized(nn.Sequential(
             nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(16, 10)), CIFAR10_MEAN, CIFAR10_STD)
-    return _fit(model, steps=80, n_train=256)
-
-
-def _entry(name, module):
-    return EvalEntry(name=name, module=module.eval(), architecture=type(module).__name__, num_classes=10,
-                     input_size=(3, 32, 32))
+            nn.Linear(16, 10)))
+    return fit(model, steps=80, lr=1e-2, n_train=256)
 
 
 @pytest.mark.parametrize('model_name', ['linear_model', 'conv_model'])
@@ -136,24 +106,46 @@ def _record(entry, digits, protocol):
     return leaderboard['entries'][0], outcomes[entry.name].correct
 
 
-BLACKBOX = AttackProtocol(attacks=('fgsm', 'ifgsm', 'pgd'), eps=(8 / 255, 4 / 255), steps=5, blackbox_queries=100)
+# the default black-box check (Square budget and share of the survivors), fewer white-box steps
+BLACKBOX = AttackProtocol(attacks=('fgsm', 'ifgsm', 'pgd'), eps=(8 / 255, 4 / 255), steps=5)
 
 
 def test_the_blackbox_flag_fires_on_a_gradient_masking_model_with_the_count(linear_model, digits):
     record, correct = _record(_entry('masked', _RoundsItsInput(linear_model)), digits, BLACKBOX)
     survivors = correct['clean'] & correct['fgsm'][0] & correct['ifgsm'][0] & correct['pgd'][0]
+    attacked = correct['blackbox_attacked'][0]
     broken = int((survivors & ~correct['blackbox'][0]).sum())
-    assert correct['blackbox'].shape == (1, len(survivors)), 'at the leaderboard ε only'
-    assert not (correct['blackbox'][0] & ~survivors).any(), 'Square attacks only the survivors'
+    assert correct['blackbox'].shape == correct['blackbox_attacked'].shape == (1, len(survivors)), 'leaderboard ε only'
+    assert int(attacked.sum()) == min(int(survivors.sum()), max(math.ceil(int(survivors.sum()) / 8),
+                                                                 BLACKBOX_MIN_SAMPLE)) < int(survivors.sum())
+    assert not (attacked & ~survivors).any(), 'Square attacks only the survivors'
+    assert torch.equal(correct['blackbox'][0] | attacked, survivors), 'what Square did not attack counts as it was'
+    assert record['trust_checks']['blackbox_attacked'] == [int(attacked.sum())]
     assert record['flags']['blackbox_beats_whitebox'] is True and broken > 0
-    assert (f'blackbox_beats_whitebox: Square broke {broken} of the {int(survivors.sum())} examples that survived '
-            f'every white-box attack at ε=8/255') in record['flag_details'][-1]
+    assert (f'blackbox_beats_whitebox: Square broke {broken} of the {int(attacked.sum())} it attacked among the '
+            f'{int(survivors.sum())} examples that survived every white-box attack at ε=8/255'
+            ) in record['flag_details'][-1]
 
 
 def test_the_blackbox_flag_stays_silent_on_a_normal_model_and_runs_at_every_eps_when_asked(linear_model, digits):
-    protocol = AttackProtocol(attacks=BLACKBOX.attacks, eps=BLACKBOX.eps, steps=5, blackbox_queries=100,
+    protocol = AttackProtocol(attacks=BLACKBOX.attacks, eps=BLACKBOX.eps, steps=5, blackbox_share=1,
                               blackbox_all_eps=True)
     record, correct = _record(_entry('linear', linear_model), digits, protocol)
     assert correct['blackbox'].shape == (2, 48) and len(record['curves']['blackbox']) == 2
+    worst = correct['clean'] & correct['fgsm'] & correct['ifgsm'] & correct['pgd']
+    assert torch.equal(correct['blackbox_attacked'], worst), 'share 1: every survivor, at every ε'
     assert record['flags']['blackbox_beats_whitebox'] is False
     assert record['curves']['blackbox'] == record['curves']['worst_case'] and record['worst_case_acc'] > 0
+
+
+def test_the_blackbox_sample_is_seeded_rounded_up_and_at_least_the_minimum():
+    rows = torch.zeros(1000, dtype=torch.bool)
+    rows[::3] = True  # 334 candidates
+    sample = sample_rows(rows, 1 / 8, seed=7)
+    assert int(sample.sum()) == 42 and not (sample & ~rows).any()
+    assert int(sample_rows(rows, 1 / 64, seed=7).sum()) == BLACKBOX_MIN_SAMPLE
+    assert torch.equal(sample_rows(rows[:3 * BLACKBOX_MIN_SAMPLE], 1 / 8, seed=7), rows[:3 * BLACKBOX_MIN_SAMPLE])
+    assert torch.equal(sample, sample_rows(rows, 1 / 8, seed=7))
+    assert len({tuple(sample_rows(rows, 1 / 8, seed).nonzero().squeeze(1).tolist()) for seed in range(5)}) > 1
+    assert torch.equal(sample_rows(rows, 1, seed=7), rows)
+    assert not sample_rows(torch.zeros(5, dtype=torch.bool), 1 / 8, seed=7).any()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from odenet_timm.data import create_dataset
 from odenet_timm.models._common import CIFAR10_MEAN, CIFAR10_STD
 from odenet_timm.robust import (
-    NOISE_SEVERITIES, SCHEMA_PATH, AttackProtocol, CifarCNoise, ComputedNoise, EvalEntry, EvaluationInputError,
+    NOISE_SEVERITIES, SCHEMA_PATH, AttackProtocol, CifarCNoise, ComputedNoise, EvaluationInputError,
     NormalizedModel, adversarial_examples, build_leaderboard, corrupt, evaluate, load_evaluation_examples,
     load_schema, make_ensemble, validate, write_markdown,
 )
@@ -31,47 +31,27 @@ from odenet_timm.robust.evaluator import aggregate_solver_stats
 from odenet_timm.robust.cli import OUTPUT_FILES, main
 from odenet_timm.robust.seeding import seeded
 
+from robust_checks import eval_entry as _entry, first_digits, linear_classifier
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device('cpu')
 TINY = dict(layers=[1, 1, 1], widths=[4, 8, 8], stem_width=4)  # a few thousand parameters: fast to attack
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """The attacks are many small forward/backward passes: on 2 shared cores one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')
 def digits():
     """The first 32 validation digits as [0, 1] images."""
-    images, labels, _ = load_evaluation_examples('digits', None, 32, (3, 32, 32))
-    return images, labels
+    return first_digits(32)
 
 
 @pytest.fixture(scope='module')
 def linear_model():
     """A linear classifier (on normalized input) trained on the digits training split: 97% clean accuracy on the
     first 32 validation digits, 56% under FGSM at 8/255."""
-    train = create_dataset('digits', split='train', transform=T.ToTensor())
-    x, y = torch.stack([train[i][0] for i in range(len(train))]), torch.tensor(train.targets)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = NormalizedModel(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)), CIFAR10_MEAN, CIFAR10_STD)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(100):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval()
-
-
-def _entry(name, module, num_classes=10):
-    return EvalEntry(name=name, module=module.eval(), architecture=type(module).__name__, num_classes=num_classes,
-                     input_size=(3, 32, 32))
+    return linear_classifier(steps=100, lr=1e-3)
 
 
 # -- attacks -----------------------------------------------------------------------------------------------------

@@ -36,11 +36,18 @@ _WRITERS = dict(zip(OUTPUT_FILES, (write_json, write_markdown, write_csv, plot_r
 CARDS_DIR = 'cards'
 
 
-def _eps(text: str) -> float:
-    try:
-        return parse_eps(text)
-    except EvaluationInputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _number_called(name: str):
+    """An argparse type reading a number or a fraction (``8/255``) called ``name`` in its error."""
+    def convert(text: str) -> float:
+        try:
+            return parse_eps(text, name)
+        except EvaluationInputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+_eps = _number_called('ε')
+_share = _number_called('share')
 
 
 def _positive_int(text: str) -> int:
@@ -90,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.add_argument('--autoattack-version', choices=AUTOATTACK_VERSIONS, default='standard',
                          help="standard (leaderboard numbers) or fast (APGD-CE + APGD-T, 3 targets)")
     attacks.add_argument('--blackbox-queries', type=int, default=AttackProtocol.blackbox_queries,
-                         help='Square attack budget for the black-box trust check, run on the examples that '
-                              f'survived every white-box attack (0 skips it; default {AttackProtocol.blackbox_queries}:'
-                              ' a cheap check; 1000 for a thorough one)')
+                         help='Square attack budget per example for the black-box trust check (0 skips it; default '
+                              f'{AttackProtocol.blackbox_queries}; 1000 with --blackbox-share 1 for a thorough one)')
+    attacks.add_argument('--blackbox-share', type=_share, default=AttackProtocol.blackbox_share,
+                         help='share of the examples that survived every white-box attack that Square attacks, a '
+                              'seeded random sample per batch, rounded up, at least 16 (default 1/8; 1: all of them)')
     attacks.add_argument('--blackbox-all-eps', action='store_true',
                          help='run the black-box check at every ε (default: the leaderboard ε only)')
     attacks.add_argument('--seed', type=int, default=0)
@@ -265,6 +274,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     protocol = AttackProtocol(
         attacks=tuple(args.attacks), eps=tuple(args.eps), steps=args.steps, step_size=args.step_size,
         autoattack_version=args.autoattack_version, blackbox_queries=args.blackbox_queries,
+        blackbox_share=args.blackbox_share,
         blackbox_all_eps=args.blackbox_all_eps, seed=args.seed)
     if args.output is None:
         raise EvaluationInputError('--output DIR is required to evaluate')

@@ -10,7 +10,8 @@ machine (the default is ``DEFAULT_BATCH_SIZE`` of the device type).
 
 Work skipped (see :mod:`~odenet_timm.robust.attacks`): an example misclassified clean counts as wrong under every
 attack and is not attacked (noise is a corruption, not an attack: it is measured on every example, as RobustBench's
-corruption accuracy is); the black-box check attacks only the examples that survived every white-box attack.
+corruption accuracy is); the black-box check attacks only a seeded random sample (``blackbox_share``) of the
+examples that survived every white-box attack.
 """
 import os
 import time
@@ -24,7 +25,7 @@ from timm.data import create_transform
 from tqdm.auto import tqdm
 
 from ..data import check_split, create_dataset, dataset_classes
-from .attacks import AttackProtocol, adversarial_examples, predict
+from .attacks import AttackProtocol, adversarial_examples, predict, sample_rows
 from .entries import EvalEntry, reset_solver_stats_of, solver_stats_of
 from .errors import EvaluationInputError
 from .noise import NOISE_SEVERITIES, SEVERITIES, CifarCNoise, ComputedNoise
@@ -38,6 +39,7 @@ __all__ = [
 # Every phase of the evaluation of one batch; the position of a phase keys its random seed.
 PHASES = ('clean', 'noise', 'fgsm', 'ifgsm', 'pgd', 'autoattack', 'blackbox', 'large_eps')
 NoiseSource = Union[ComputedNoise, CifarCNoise]
+_SAMPLE_KEY = 1  # keys the draw of the survivors Square attacks apart from the seed Square itself gets
 # Examples per batch by device type: on a CPU larger batches gain nothing (and shard less evenly), a GPU needs
 # hundreds of CIFAR images per pass to be busy.
 DEFAULT_BATCH_SIZE = {'cpu': 128, 'cuda': 512}
@@ -54,13 +56,16 @@ class EntryOutcome:
 
     ``correct['clean']`` and ``correct['large_eps']`` have shape (N,), ``correct['noise']`` (4 corruptions, 5
     severities, N), each attack of ``fgsm / ifgsm / pgd / autoattack`` (len(eps), N) and ``blackbox``
-    (len(protocol.blackbox_eps), N): correct under every white-box attack and Square. ``solver_stats``
-    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver); ``seconds`` to
+    (len(protocol.blackbox_eps), N): correct under every white-box attack and not broken by Square;
+    ``correct['blackbox_attacked']`` (same shape) marks the survivors Square attacked. ``solver_stats``
+    maps a phase to the model's aggregated ``solver_stats()`` (empty for models without a solver); ``seconds`` and
+    ``cpu_seconds`` (this process's CPU time, which other processes on a shared machine do not inflate) to
     the time spent in it, summed over the batches (of every process), for ``benchmarks/bench_eval.py``.
     """
     correct: Dict[str, torch.Tensor]
     solver_stats: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
+    cpu_seconds: Dict[str, float] = field(default_factory=dict)
 
 
 def make_accelerator() -> Accelerator:
@@ -118,18 +123,19 @@ def _evaluate_batch(
 
     The white-box attacks and the large-ε check attack the examples correct clean (every example with
     ``attack_all``, the old way, kept to test that the skipping changes nothing else); the black-box check attacks
-    the examples that survived every white-box attack at its ε."""
+    a seeded random ``blackbox_share`` of the examples that survived every white-box attack at its ε."""
     model, device = entry.module, images.device
-    correct, solver_stats, seconds = {}, {}, {}
+    correct, solver_stats, seconds, cpu_seconds = {}, {}, {}, {}
 
     def record(phase: str, compute: Callable[[], torch.Tensor]) -> None:
         """Run one phase; its solver statistics are those of the solves made during it, not earlier ones."""
         reset_solver_stats_of(model)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         correct[phase] = compute()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         seconds[phase] = time.perf_counter() - start
+        cpu_seconds[phase] = time.process_time() - cpu_start
         stats = solver_stats_of(model)
         if stats:
             solver_stats[phase] = stats
@@ -156,11 +162,15 @@ def _evaluate_batch(
         record(attack, lambda: torch.stack([attacked(attack, eps, i, targets) for i, eps in enumerate(protocol.eps)]))
     if protocol.runs_blackbox:
         survivors = correct['clean'] & torch.stack([correct[attack] for attack in protocol.white_box]).all(dim=0)
-        record('blackbox', lambda: torch.stack([attacked('blackbox', eps, i, survivors[i])
+        sampled = torch.stack([sample_rows(survivors[i], protocol.blackbox_share,
+                                           derive_seed(batch_seed, PHASES.index('blackbox'), i, _SAMPLE_KEY))
+                               for i in range(len(protocol.blackbox_eps))])
+        correct['blackbox_attacked'] = sampled
+        record('blackbox', lambda: torch.stack([survivors[i] & (attacked('blackbox', eps, i, sampled[i]) | ~sampled[i])
                                                 for i, eps in enumerate(protocol.blackbox_eps)]))
     if protocol.runs_large_eps:
         record('large_eps', lambda: attacked('large_eps', protocol.large_eps, 0, targets))
-    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats, seconds
+    return {phase: value.cpu() for phase, value in correct.items()}, solver_stats, seconds, cpu_seconds
 
 
 def evaluate(
@@ -210,10 +220,10 @@ def evaluate(
     records.sort(key=lambda record: record[0])
     outcomes = {}
     for entry in entries:
-        mine = [(correct, stats, seconds) for _, name, correct, stats, seconds in records if name == entry.name]
-        correct = {phase: torch.cat([c[phase] for c, _, _ in mine], dim=-1) for phase in mine[0][0]}
-        phases = [p for p in PHASES if any(p in s for _, s, _ in mine)]
-        solver_stats = {p: aggregate_solver_stats([s[p] for _, s, _ in mine if p in s]) for p in phases}
-        seconds = {phase: sum(t[phase] for _, _, t in mine) for phase in mine[0][0]}
-        outcomes[entry.name] = EntryOutcome(correct, solver_stats, seconds)
+        mine = [(correct, stats, wall, cpu) for _, name, correct, stats, wall, cpu in records if name == entry.name]
+        correct = {phase: torch.cat([c[phase] for c, *_ in mine], dim=-1) for phase in mine[0][0]}
+        phases = [p for p in PHASES if any(p in s for _, s, *_ in mine)]
+        solver_stats = {p: aggregate_solver_stats([s[p] for _, s, *_ in mine if p in s]) for p in phases}
+        seconds, cpu_seconds = ({phase: sum(m[k][phase] for m in mine) for phase in mine[0][k]} for k in (2, 3))
+        outcomes[entry.name] = EntryOutcome(correct, solver_stats, seconds, cpu_seconds)
     return outcomes

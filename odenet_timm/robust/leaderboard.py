@@ -26,7 +26,7 @@ __all__ = [
     'leaderboard_settings', 'protocol_differences', 'merge_leaderboards', 'write_json', 'write_markdown', 'write_csv',
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the black-box check attacks a sample of the survivors
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), 'leaderboard.schema.json')
 LEADERBOARD_METRICS = ('clean_acc', 'noise_acc', 'fgsm_acc', 'ifgsm_acc', 'pgd_acc', 'autoattack_acc', 'worst_case_acc')
 _ATTACK_CURVES = ('fgsm', 'ifgsm', 'pgd', 'autoattack', 'blackbox')
@@ -56,7 +56,8 @@ def package_versions() -> Dict[str, str]:
 
 def summarize(outcome: EntryOutcome, protocol: AttackProtocol) -> Dict:
     """Accuracies (%) of one entry: clean, noise (mean, per corruption and severity), each attack at every ε
-    (``curves``, aligned with ``eps``), the per-example worst case over the white-box attacks, and PGD at the large ε."""
+    (``curves``, aligned with ``eps``), the per-example worst case over the white-box attacks, PGD at the large ε and
+    the number of examples the black-box check attacked at each of its ε."""
     correct = outcome.correct
     curves = {'eps': list(protocol.eps)}
     for attack in _ATTACK_CURVES:
@@ -81,6 +82,8 @@ def summarize(outcome: EntryOutcome, protocol: AttackProtocol) -> Dict:
     summary['curves'] = curves
     summary['large_eps'] = protocol.large_eps
     summary['large_eps_acc'] = _accuracy(correct['large_eps']) if 'large_eps' in correct else None
+    summary['blackbox_attacked'] = ([int(row.sum()) for row in correct['blackbox_attacked']]
+                                    if 'blackbox_attacked' in correct else None)
     return summary
 
 
@@ -175,7 +178,8 @@ def build_leaderboard(
             'ensemble': None,
             'trust_checks': {'chance_acc': chance_acc, 'large_eps': protocol.large_eps,
                              'large_eps_acc': summary['large_eps_acc'],
-                             'blackbox_queries': protocol.blackbox_queries if protocol.runs_blackbox else None},
+                             'blackbox_queries': protocol.blackbox_queries if protocol.runs_blackbox else None,
+                             'blackbox_attacked': summary['blackbox_attacked']},
             'flags': flags,
             'flag_details': details,
             'unreliable': any(flags.values()),

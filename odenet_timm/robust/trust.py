@@ -19,7 +19,8 @@ FLAGS: Dict[str, str] = {
                                  f'chance (the largest class share), where every image can be turned into the same one',
     'autoattack_above_pgd': 'AutoAttack leaves more accuracy than PGD at some ε',
     'blackbox_beats_whitebox': 'the black-box Square attack breaks an example that survived every white-box attack '
-                               '(at the leaderboard ε, or at every ε with --blackbox-all-eps)',
+                               '(it attacks a seeded random --blackbox-share of them, at the leaderboard ε, or at '
+                               'every ε with --blackbox-all-eps)',
 }
 _CURVES = ('fgsm', 'ifgsm', 'pgd', 'autoattack', 'worst_case')
 
@@ -32,20 +33,22 @@ def _pairs_above(curves: Dict, eps: Sequence[float], high: str, low: str) -> Lis
             for e, h, l in zip(eps, curves[high], curves[low]) if h > l]
 
 
-def _blackbox_breaks(curves: Dict, eps: Sequence[float], n_examples: int) -> List[str]:
+def _blackbox_breaks(curves: Dict, eps: Sequence[float], n_examples: int, attacked: Sequence[int]) -> List[str]:
     """Descriptions of the ε where Square broke examples that survived every white-box attack. The black-box curve
-    (one point per ε it ran at, the first ones) counts an example correct when it survived both."""
+    (one point per ε it ran at, the first ones) counts an example correct when it survived the white-box attacks
+    and Square did not break it; ``attacked`` counts the survivors Square attacked at each of those ε."""
     def count(accuracy: float) -> int:
         return round(accuracy * n_examples / 100)
 
-    return [f'Square broke {count(w) - count(b)} of the {count(w)} examples that survived every white-box attack at '
-            f'ε={eps_label(e)} (worst case {w:.2f}% → {b:.2f}%)'
-            for e, w, b in zip(eps, curves['worst_case'], curves['blackbox']) if b < w]
+    return [f'Square broke {count(w) - count(b)} of the {a} it attacked among the {count(w)} examples that survived '
+            f'every white-box attack at ε={eps_label(e)} (worst case {w:.2f}% → {b:.2f}%)'
+            for e, w, b, a in zip(eps, curves['worst_case'], curves['blackbox'], attacked) if b < w]
 
 
 def trust_flags(summary: Dict, chance_acc: float) -> Tuple[Dict[str, Optional[bool]], List[str]]:
     """The flags of one entry from its accuracy ``summary`` (``n_examples``, ``clean_acc``, ``curves`` with ``eps``
-    and one list per attack, ``large_eps_acc``), and a sentence of evidence for each flag that fired."""
+    and one list per attack, ``large_eps_acc``, ``blackbox_attacked``), and a sentence of evidence for each flag
+    that fired."""
     curves, eps = summary['curves'], summary['curves']['eps']
     evidence: Dict[str, Optional[List[str]]] = {}
 
@@ -74,7 +77,7 @@ def trust_flags(summary: Dict, chance_acc: float) -> Tuple[Dict[str, Optional[bo
         if curves.get('autoattack') is not None and curves.get('pgd') is not None else None)
 
     evidence['blackbox_beats_whitebox'] = (
-        _blackbox_breaks(curves, eps, summary['n_examples'])
+        _blackbox_breaks(curves, eps, summary['n_examples'], summary['blackbox_attacked'])
         if curves.get('blackbox') is not None and curves.get('worst_case') is not None else None)
 
     flags = {name: None if evidence[name] is None else bool(evidence[name]) for name in FLAGS}
