@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -5,6 +6,14 @@ import pytest
 import torch
 
 import odenet_timm  # noqa: F401  (registers the models)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``pytest -n auto``) the workers share the cores: each gets its share of
+    intra-op threads, since OpenMP threads spinning on an oversubscribed core slow every test down several times."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
