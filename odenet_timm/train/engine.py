@@ -115,6 +115,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f'--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}')
     if args.bn_momentum is not None and not 0 < args.bn_momentum <= 1:
         raise ConfigError(f'--bn-momentum must be in (0, 1], got {args.bn_momentum}')
+    if args.img_size is not None and args.img_size < 1:
+        raise ConfigError(f'--img-size must be a positive number of pixels, got {args.img_size}')
 
 
 def micro_batch_size(args: argparse.Namespace, num_processes: int) -> int:
@@ -134,9 +136,7 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     ``--bn-momentum`` applied to every BatchNorm layer and ``--grad-checkpointing`` turned on. ``--img-size``
     becomes the model's ``pretrained_cfg['input_size']``, so that the transforms and the export (which
     ``eval_robust.py`` reads) use it."""
-    if args.img_size is not None and args.img_size < 1:
-        raise ConfigError(f'--img-size must be a positive number of pixels, got {args.img_size}')
-    overlay = dict(input_size=(3, args.img_size, args.img_size)) if args.img_size else None
+    overlay = dict(input_size=(3, args.img_size, args.img_size)) if args.img_size is not None else None
     try:
         model = timm.create_model(args.model, num_classes=num_classes, pretrained_cfg_overlay=overlay,
                                   **args.model_kwargs)
