@@ -30,7 +30,6 @@ misclassified examples saves most of the work: use a trained checkpoint for repr
 import argparse
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -48,7 +47,7 @@ import torchattacks  # noqa: E402
 from pyautoattack.square import SquareAttack  # noqa: E402
 
 from odenet_timm.robust import AttackProtocol, evaluate, load_evaluation_examples, load_export_dir  # noqa: E402
-from odenet_timm.robust.attacks import BLACKBOX_MIN_SAMPLE, SQUARE_P_INIT, predict  # noqa: E402
+from odenet_timm.robust.attacks import SQUARE_P_INIT, predict, sample_size  # noqa: E402
 from odenet_timm.robust.noise import NOISE_SEVERITIES, SEVERITIES, ComputedNoise  # noqa: E402
 from odenet_timm.robust.seeding import derive_seed  # noqa: E402
 
@@ -120,7 +119,7 @@ def bare_phases(model, batches, noisy, protocol: AttackProtocol) -> Dict[str, fl
             attack = SquareAttack(model, norm='Linf', n_queries=protocol.blackbox_queries, eps=eps[0],
                                   p_init=SQUARE_P_INIT, n_restarts=1, seed=0, verbose=False, device=x.device,
                                   resc_schedule=True)
-            sample = min(len(x), max(math.ceil(protocol.blackbox_share * len(x)), BLACKBOX_MIN_SAMPLE))
+            sample = sample_size(len(x), protocol.blackbox_share)
             with torch.no_grad():
                 predict(model, attack.perturb(x[:sample], y[:sample]))
         seconds['blackbox'] = sum(_timed(lambda: square(x, y)) for x, y in batches)

@@ -37,7 +37,7 @@ from .errors import EvaluationInputError
 
 __all__ = [
     'ATTACKS', 'WHITE_BOX_ATTACKS', 'DEFAULT_ATTACKS', 'AUTOATTACK_VERSIONS', 'AttackProtocol', 'parse_eps',
-    'eps_label', 'predict', 'ActiveRows', 'adversarial_examples', 'sample_rows', 'BLACKBOX_MIN_SAMPLE',
+    'eps_label', 'predict', 'ActiveRows', 'adversarial_examples', 'sample_size', 'sample_rows', 'BLACKBOX_MIN_SAMPLE',
     'LARGE_EPS_QUICK_STEPS',
 ]
 
@@ -203,11 +203,17 @@ def _on_rows(model: nn.Module, active: torch.Tensor) -> nn.Module:
     return model if active.all() else ActiveRows(model, active)
 
 
+def sample_size(n: int, share: float) -> int:
+    """How many of ``n`` survivors the black-box check attacks: ``share`` of them rounded up, at least
+    ``BLACKBOX_MIN_SAMPLE``, at most ``n``."""
+    return min(n, max(math.ceil(share * n), BLACKBOX_MIN_SAMPLE))
+
+
 def sample_rows(rows: torch.Tensor, share: float, seed: int) -> torch.Tensor:
-    """A random ``share`` (rounded up, at least ``BLACKBOX_MIN_SAMPLE``) of the set rows of the boolean mask
-    ``rows``, drawn from a generator seeded with ``seed``; all of them when ``share`` is 1 or too few are set."""
+    """A random :func:`sample_size` of the set rows of the boolean mask ``rows``, drawn from a generator seeded
+    with ``seed``; all of them when ``share`` is 1 or too few are set."""
     candidates = rows.nonzero().squeeze(1)
-    k = max(math.ceil(share * len(candidates)), BLACKBOX_MIN_SAMPLE)
+    k = sample_size(len(candidates), share)
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
     sample = torch.zeros_like(rows)
     sample[candidates[order[:k].to(candidates.device)]] = True
