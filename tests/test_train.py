@@ -46,14 +46,8 @@ STRESS_OPTIONS = ['--hflip', '0.5', '--mixup', '0.1', '--workers', '1', '--grad-
                   '--model-ema', '--model-ema-decay', '0.9']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared machine, two spinning OpenMP threads make these runs several times
-    slower. (The results are deterministic either way; resume equivalence needs the same count in both runs.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread (results are deterministic either way; resume equivalence needs the same count in both runs)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def run(*argv) -> int:

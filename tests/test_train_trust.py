@@ -26,12 +26,7 @@ CLASSES = ('cat', 'dog', 'emu')
 STEPS_PER_EPOCH = 3  # 24 training images, batch 8
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def make_image_folder(root: Path, classes=CLASSES, train_per_class=8, val_per_class=2) -> Path:
