@@ -31,11 +31,12 @@ First, every variant must compute the same outputs and gradients (reversible: ag
 ``--check-tol``; implicit: project and torchdeq agree in float64 at tolerance 1e-12, outputs and gradients, and
 every float32 variant's output is within 10× its tolerance of that reference; float32 gradient errors are
 reported, not bounded: through ReLU kinks they are up to ~100× the output errors); the script stops with an
-error naming the row and the variant otherwise. Then the variants are timed round-robin, ``--rounds`` rounds of ``--steps`` steps each (the
-median and min–max over rounds are reported, ratios round by round, of wall time and of the process's CPU time), and one more step of each is measured for
-peak tensor memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocator's own allocation and free
-records (``torch.profiler``, ``profile_memory=True``) summed in time order (see ``bench_models.py``), after one
-profiled step of the same variant so that every variant's frees of what the previous step left are counted.
+error naming the row and the variant otherwise. Then the variants are timed round-robin, ``--rounds`` rounds of
+``--steps`` steps each, the order reversed every other round and each variant's timed steps after an untimed one of
+its own (the median and min–max over rounds are reported, ratios round by round, of wall time and of the process's
+CPU time), and one more step of each is measured for peak tensor memory: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the allocator's own allocation and free records (``torch.profiler``,
+``profile_memory=True``) summed in time order (see ``bench_models.py``), after one profiled step of the same variant so that every variant's frees of what the previous step left are counted.
 Ratios are project / peer: below 1 the project is faster or smaller. Prints JSON and a Markdown table and
 writes ``--json``.
 """
@@ -417,11 +418,19 @@ def peak_memory_mb(step, cuda):
 
 def measure(steps, rounds, n_steps, sync, cuda):
     """Round-robin timing (seconds per step, per round: wall time, and the process's CPU time, which on a shared
-    machine counts the work done rather than the share of a core it got) and one peak-memory step per variant."""
+    machine counts the work done rather than the share of a core it got) and one peak-memory step per variant.
+
+    Each variant's timed steps follow an untimed step of the SAME variant, and the order of the variants is reversed
+    every other round: a step's speed on CPU depends on the heap the previous step left (which memory is still
+    mapped, where the allocator finds blocks), so without this the variant timed after the one with the largest
+    peak ran on a warmer heap. Measured on the whole ``hamiltonian_218``, project / revlib read 1.01 when the two
+    alternated alone and 0.86 with memcnn between them, in the same minutes."""
     times = {kind: [] for kind in steps}
     cpu_times = {kind: [] for kind in steps}
-    for _ in range(rounds):
-        for kind, step in steps.items():
+    for round_index in range(rounds):
+        order = list(steps.items())
+        for kind, step in (order if round_index % 2 == 0 else order[::-1]):
+            step()
             sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(n_steps):

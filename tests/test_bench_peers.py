@@ -119,3 +119,14 @@ def test_peak_memory_does_not_depend_on_which_variant_is_measured_first():
     shared['grad'] = torch.ones(2 ** 18)  # again left by an unprofiled step
     assert (bench_peers.peak_memory_mb(step, False), bench_peers.peak_memory_mb(step, False)) == pytest.approx(
         (1.0, 1.0), abs=1e-3)
+
+
+def test_each_variant_is_timed_after_an_untimed_step_of_its_own_in_alternating_order(monkeypatch):
+    """The heap a step leaves changes the next step's speed on CPU: every timed block follows an untimed step of the
+    same variant, and the order of the variants is reversed every other round."""
+    calls = []
+    steps = {kind: (lambda kind=kind: calls.append(kind)) for kind in ('a', 'b', 'c')}
+    monkeypatch.setattr(bench_peers, 'peak_memory_mb', lambda step, cuda: 1.0)
+    times, cpu_times, memory = bench_peers.measure(steps, rounds=3, n_steps=2, sync=lambda: None, cuda=False)
+    assert ''.join(calls) == 'aaabbbccc' + 'cccbbbaaa' + 'aaabbbccc'
+    assert all(len(times[kind]) == len(cpu_times[kind]) == 3 for kind in steps) and memory == dict.fromkeys(steps, 1.0)
