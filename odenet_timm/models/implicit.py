@@ -25,11 +25,12 @@ output in training and reconstructs each block's input in backward by solving th
 ``x_n = x_{n+1} − h[½ F(x_n) + ½ F(x_{n+1})]`` (the paper's "Complexity" paragraph).
 """
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers.fixed_point import (
@@ -59,25 +60,97 @@ class LipschitzResidual(nn.Module):
         return self.conv1.normalized_weight(), self.conv1.bias, self.conv2.normalized_weight(), self.conv2.bias
 
     @staticmethod
-    def hidden(y: torch.Tensor, params: Params) -> torch.Tensor:
-        """The hidden activation ``ReLU(K₁ y + b₁)``."""
-        w1, b1, _, _ = params
-        return F.relu(F.conv2d(y, w1, b1, padding=1))
-
-    @staticmethod
-    def output(a: torch.Tensor, params: Params, bias_scale: float = 1.0) -> torch.Tensor:
-        """``K₂ a + s·b₂``: ``F`` from its hidden activation ``a``; ``K₂`` is linear, so ``Σ c_i F(y_i)`` with
-        ``Σ c_i = s`` is ``output(Σ c_i hidden(y_i), s)``, one convolution for all of them."""
-        _, _, w2, b2 = params
-        return F.conv2d(a, w2, b2 if bias_scale == 1 else bias_scale * b2, padding=1)
-
-    @classmethod
-    def evaluate(cls, y: torch.Tensor, params: Params) -> torch.Tensor:
+    def evaluate(y: torch.Tensor, params: Params) -> torch.Tensor:
         """``F(y) = K₂ ReLU(K₁ y + b₁) + b₂``."""
-        return cls.output(cls.hidden(y, params), params)
+        w1, b1, w2, b2 = params
+        return F.conv2d(F.relu(F.conv2d(y, w1, b1, padding=1)), w2, b2, padding=1)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.evaluate(y, self.normalized_params())
+
+
+class LinearThetaMap:
+    """The linear θ-step's map ``y ↦ G(x, y) = x + h[(1 − θ) F(x) + θ F(y)]``, 0 < θ ≤ 1, evaluated as
+
+    ``G(x, y) = x + K₂ m(y) + h b₂``,  ``m(y) = h(1 − θ) a(x) + hθ a(y)``,  ``a = ReLU(K₁ · + b₁)``
+
+    (``K₂`` is linear: one ``K₂`` per evaluation, and one ``K₂`` weight gradient and ``K₂ᵀ`` serve ``F(x)`` and
+    ``F(y)`` together); ``h(1 − θ) a(x)`` is computed once, ``hθ a(y) = ReLU(hθ K₁ y + hθ b₁)`` with the scaled
+    kernel. Implements :class:`odenet_timm.layers.fixed_point.LinearizableMap` with the products by hand (the
+    linearisation needs ``a(y)`` but not ``K₂ m(y)``: one convolution fewer than recording ``G`` with a graph):
+
+    ``(∂G/∂y)ᵀ v = hθ K₁ᵀ[a'(y) ⊙ K₂ᵀ v]``,  ``(∂G/∂x)ᵀ v = v + h(1 − θ) K₁ᵀ[a'(x) ⊙ K₂ᵀ v]``, and the kernels'
+    and biases' gradients from ``δ_y = hθ a'(y) ⊙ K₂ᵀ v`` and ``δ_x = h(1 − θ) a'(x) ⊙ K₂ᵀ v``.
+    """
+
+    def __init__(self, x: torch.Tensor, params: Params, h: float, theta: float):
+        w1, b1, w2, b2 = params
+        self.x, self.h, self.theta = x, h, theta
+        self.w1, self.w2 = w1, w2
+        self.scaled_w1, self.scaled_b1, self.scaled_b2 = w1 * (h * theta), b1 * (h * theta), b2 * h
+        if theta == 1:  # backward Euler: no explicit part; G(x, x) is the explicit Euler predictor
+            self.explicit_hidden, self.initial_guess = None, x
+            return
+        self.explicit_hidden = F.relu(F.conv2d(x, w1 * (h * (1 - theta)), b1 * (h * (1 - theta)), padding=1))
+        with torch.no_grad():  # x + h F(x) = x + K₂ m(x) + h b₂ with m(x) = h a(x)
+            self.initial_guess = x + F.conv2d(self.explicit_hidden, w2 / (1 - theta), self.scaled_b2, padding=1)
+
+    def _implicit_hidden(self, y: torch.Tensor) -> torch.Tensor:
+        """``hθ a(y)``."""
+        return F.conv2d(y, self.scaled_w1, self.scaled_b1, padding=1).relu_()
+
+    def _mixed(self, implicit_hidden: torch.Tensor) -> torch.Tensor:
+        """``m(y)`` from ``hθ a(y)``."""
+        return implicit_hidden if self.explicit_hidden is None else self.explicit_hidden + implicit_hidden
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self._mixed(self._implicit_hidden(y)), self.w2, self.scaled_b2, padding=1).add_(self.x)
+
+    def linearize(self, y: torch.Tensor) -> Tuple['LinearThetaLinearization', Tuple[torch.Tensor, ...]]:
+        """Saved: ``x``, ``y``, ``h(1 − θ) a(x)`` (θ < 1), ``hθ a(y)`` and the kernels ``K₁``, ``K₂``."""
+        with torch.no_grad():
+            implicit_hidden = self._implicit_hidden(y)
+        explicit = () if self.explicit_hidden is None else (self.explicit_hidden.detach(),)
+        saved = (self.x.detach(), y, implicit_hidden, self.w1.detach(), self.w2.detach()) + explicit
+        return LinearThetaLinearization(self.h, self.theta), saved
+
+
+class LinearThetaLinearization:
+    """The products of :class:`LinearThetaMap`'s linearisation (``odenet_timm.layers.fixed_point.Linearization``)."""
+
+    def __init__(self, h: float, theta: float):
+        self.h, self.theta = h, theta
+
+    def state_vjp(self, saved: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        """``hθ K₁ᵀ[a'(y) ⊙ K₂ᵀ v]``."""
+        _, y, implicit_hidden, w1, w2 = saved[:5]
+        masked = torch.ops.aten.threshold_backward(conv2d_input(v.shape, w2, v, padding=1), implicit_hidden, 0)
+        return conv2d_input(y.shape, w1 * (self.h * self.theta), masked, padding=1)
+
+    def input_vjp(self, saved: Sequence[torch.Tensor], v: torch.Tensor,
+                  needed: Sequence[bool]) -> List[Optional[torch.Tensor]]:
+        """Gradients for ``(x, K₁, b₁, K₂, b₂)``."""
+        x, y, implicit_hidden, w1, w2 = saved[:5]
+        explicit_hidden = saved[5] if len(saved) > 5 else None
+        need_x, need_w1, need_b1, need_w2, need_b2 = needed
+        h, theta = self.h, self.theta
+        u = conv2d_input(v.shape, w2, v, padding=1)  # K₂ᵀ v
+        deltas = [(y, torch.ops.aten.threshold_backward(u, implicit_hidden, 0).mul_(h * theta))]
+        if explicit_hidden is not None:
+            deltas.append((x, torch.ops.aten.threshold_backward(u, explicit_hidden, 0).mul_(h * (1 - theta))))
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if need_x:
+            grad_x = v if explicit_hidden is None else v + conv2d_input(x.shape, w1, deltas[1][1], padding=1)
+        if need_w1:
+            grad_w1 = sum(conv2d_weight(at, w1.shape, delta, padding=1) for at, delta in deltas)
+        if need_b1:
+            grad_b1 = sum(delta.sum((0, 2, 3)) for _, delta in deltas)
+        if need_w2:
+            mixed = implicit_hidden if explicit_hidden is None else explicit_hidden + implicit_hidden
+            grad_w2 = conv2d_weight(mixed, w2.shape, v, padding=1)
+        if need_b2:
+            grad_b2 = v.sum((0, 2, 3)) * h
+        return [grad_x, grad_w1, grad_b1, grad_w2, grad_b2]
 
 
 class ImplicitBlock(nn.Module):
@@ -95,25 +168,14 @@ class ImplicitBlock(nn.Module):
         self.residual = LipschitzResidual(channels, probe_size, lipschitz)
 
     def forward_map(self, x: torch.Tensor, *params: torch.Tensor) -> Tuple[Callable, torch.Tensor]:
-        """``(y ↦ G(x, y), explicit Euler predictor)``; the one-leg map starts at ``x``, whose first image is it."""
+        """``(y ↦ G(x, y), explicit Euler predictor)``; the one-leg map and θ = 1 start at ``x``, whose first image
+        is that predictor."""
+        if self.scheme == 'linear':
+            g = LinearThetaMap(x, params, self.h, self.theta)
+            return g, g.initial_guess
         Fn, h, theta = self.residual.evaluate, self.h, self.theta
-        if self.scheme == 'one_leg':
-            x_part = (1 - theta) * x
-            return (lambda y: torch.add(x, Fn(torch.add(x_part, y, alpha=theta), params), alpha=h)), x
-        if theta == 1:
-            return (lambda y: torch.add(x, Fn(y, params), alpha=h)), x
-        # x + h[(1 − θ) F(x) + θ F(y)] = x + K₂[h(1 − θ) a(x) + hθ a(y)] + h b₂ with a = ReLU(K₁ · + b₁): one K₂
-        # per evaluation, and backward's K₂ weight and input gradients serve both F(x) and F(y) at once
-        hidden, output = self.residual.hidden, self.residual.output
-        a_x = hidden(x, params)
-        explicit_hidden = a_x * (h * (1 - theta))
-        with torch.no_grad():
-            predictor = torch.add(x, output(a_x, params), alpha=h)
-
-        def g(y):
-            mixed = torch.add(explicit_hidden, hidden(y, params), alpha=h * theta)
-            return torch.add(x, output(mixed, params, h))
-        return g, predictor
+        x_part = (1 - theta) * x
+        return (lambda y: torch.add(x, Fn(torch.add(x_part, y, alpha=theta), params), alpha=h)), x
 
     def inverse_map(self, y: torch.Tensor, *params: torch.Tensor) -> Tuple[Callable, torch.Tensor]:
         """``(x ↦ x', y)`` whose fixed point is the input ``x`` of output ``y``: ``x = y − h[(1 − θ) F(x) + θ F(y)]``
