@@ -319,7 +319,8 @@ def test_registered_models_and_their_settings():
     assert sum(isinstance(m, ImplicitBlock) for m in trapezoid.modules()) == 9
     assert sum(isinstance(m, ImplicitBlock) for m in euler.modules()) == 6
     assert euler.h == 0.5 and euler.scheme == 'one_leg'
-    assert trapezoid.solver_config == SolverConfig('anderson', 1e-4, 30, 1e-4, 30)
+    assert trapezoid.solver_config == SolverConfig('fixed_point', 1e-4, 30, 1e-4, 30)  # contracts by ≤ ½
+    assert euler.solver_config.solver == 'anderson'  # at its default h = 1 the map contracts by ≤ 1 only
     assert timm.create_model('implicit_trapezoid_resnet', theta=0.25).theta == 0.25
 
 
