@@ -74,9 +74,10 @@ class LinearThetaMap:
 
     ``G(x, y) = x + K₂ m(y) + h b₂``,  ``m(y) = h(1 − θ) a(x) + hθ a(y)``,  ``a = ReLU(K₁ · + b₁)``
 
-    (``K₂`` is linear: one ``K₂`` per evaluation, and one ``K₂`` weight gradient and ``K₂ᵀ`` serve ``F(x)`` and
-    ``F(y)`` together); ``h(1 − θ) a(x)`` is computed once, ``hθ a(y) = ReLU(hθ K₁ y + hθ b₁)`` with the scaled
-    kernel. Implements :class:`odenet_timm.layers.fixed_point.LinearizableMap` with the products by hand (the
+    (``K₂`` is linear: one ``K₂`` weight gradient and ``K₂ᵀ`` serve ``F(x)`` and ``F(y)`` together); the part
+    without ``y``, ``x + K₂ h(1 − θ) a(x) + h b₂``, is computed once per call (its ``K₂`` also gives the Euler
+    predictor), so an evaluation is ``hθ a(y) = ReLU(hθ K₁ y + hθ b₁)`` with the scaled kernel, one ``K₂`` and an
+    in-place addition. Implements :class:`odenet_timm.layers.fixed_point.LinearizableMap` with the products by hand (the
     linearisation needs ``a(y)`` but not ``K₂ m(y)``: one convolution fewer than recording ``G`` with a graph):
 
     ``(∂G/∂y)ᵀ v = hθ K₁ᵀ[a'(y) ⊙ K₂ᵀ v]``,  ``(∂G/∂x)ᵀ v = v + h(1 − θ) K₁ᵀ[a'(x) ⊙ K₂ᵀ v]``, and the kernels'
@@ -87,24 +88,24 @@ class LinearThetaMap:
         w1, b1, w2, b2 = params
         self.x, self.h, self.theta = x, h, theta
         self.w1, self.w2 = w1, w2
-        self.scaled_w1, self.scaled_b1, self.scaled_b2 = w1 * (h * theta), b1 * (h * theta), b2 * h
+        self.scaled_w1, self.scaled_b1 = w1 * (h * theta), b1 * (h * theta)
         if theta == 1:  # backward Euler: no explicit part; G(x, x) is the explicit Euler predictor
             self.explicit_hidden, self.initial_guess = None, x
+            self.constant = x + (b2 * h)[:, None, None]
             return
         self.explicit_hidden = F.relu(F.conv2d(x, w1 * (h * (1 - theta)), b1 * (h * (1 - theta)), padding=1))
-        with torch.no_grad():  # x + h F(x) = x + K₂ m(x) + h b₂ with m(x) = h a(x)
-            self.initial_guess = x + F.conv2d(self.explicit_hidden, w2 / (1 - theta), self.scaled_b2, padding=1)
+        explicit_image = F.conv2d(self.explicit_hidden, w2, padding=1)  # K₂ h(1 − θ) a(x)
+        self.constant = (x + explicit_image).add_((b2 * h)[:, None, None])  # the part of G(x, y) without y
+        with torch.no_grad():  # x + h F(x) = x + K₂ h a(x) + h b₂
+            self.initial_guess = torch.add(self.constant, explicit_image, alpha=theta / (1 - theta))
 
     def _implicit_hidden(self, y: torch.Tensor) -> torch.Tensor:
         """``hθ a(y)``."""
         return F.conv2d(y, self.scaled_w1, self.scaled_b1, padding=1).relu_()
 
-    def _mixed(self, implicit_hidden: torch.Tensor) -> torch.Tensor:
-        """``m(y)`` from ``hθ a(y)``."""
-        return implicit_hidden if self.explicit_hidden is None else self.explicit_hidden + implicit_hidden
-
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self._mixed(self._implicit_hidden(y)), self.w2, self.scaled_b2, padding=1).add_(self.x)
+        """``G(x, y) = [x + K₂ h(1 − θ) a(x) + h b₂] + K₂ hθ a(y)``: two convolutions and two in-place passes."""
+        return F.conv2d(self._implicit_hidden(y), self.w2, padding=1).add_(self.constant)
 
     def linearize(self, y: torch.Tensor) -> Tuple['LinearThetaLinearization', Tuple[torch.Tensor, ...]]:
         """Saved: ``x``, ``y``, ``h(1 − θ) a(x)`` (θ < 1), ``hθ a(y)`` and the kernels ``K₁``, ``K₂``."""
@@ -124,7 +125,8 @@ class LinearThetaLinearization:
     def state_vjp(self, saved: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
         """``hθ K₁ᵀ[a'(y) ⊙ K₂ᵀ v]``."""
         _, y, implicit_hidden, w1, w2 = saved[:5]
-        masked = torch.ops.aten.threshold_backward(conv2d_input(v.shape, w2, v, padding=1), implicit_hidden, 0)
+        u = conv2d_input(v.shape, w2, v, padding=1)  # K₂ᵀ v, masked in place by ReLU's derivative at y
+        masked = torch.ops.aten.threshold_backward.grad_input(u, implicit_hidden, 0, grad_input=u)
         return conv2d_input(y.shape, w1 * (self.h * self.theta), masked, padding=1)
 
     def input_vjp(self, saved: Sequence[torch.Tensor], v: torch.Tensor,
