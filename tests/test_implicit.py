@@ -319,7 +319,9 @@ def test_registered_models_and_their_settings():
     assert sum(isinstance(m, ImplicitBlock) for m in trapezoid.modules()) == 9
     assert sum(isinstance(m, ImplicitBlock) for m in euler.modules()) == 6
     assert euler.h == 0.5 and euler.scheme == 'one_leg'
-    assert trapezoid.solver_config == SolverConfig('fixed_point', 1e-4, 30, 1e-4, 30)  # contracts by ≤ ½
+    # forward: fixed-point iteration (the map contracts by ≤ ½); backward: Anderson (its gradients are more accurate)
+    assert trapezoid.solver_config == SolverConfig('fixed_point', 1e-4, 30, 1e-4, 30, backward_solver='anderson')
+    assert trapezoid.solver_config.memory == 1 and trapezoid.solver_config.backward_memory == 5
     assert euler.solver_config.solver == 'anderson'  # at its default h = 1 the map contracts by ≤ 1 only
     assert timm.create_model('implicit_trapezoid_resnet', theta=0.25).theta == 0.25
 
@@ -329,6 +331,7 @@ def test_registered_models_and_their_settings():
     (dict(h=0), 'h must be a positive step size'),
     (dict(scheme='midpoint'), 'scheme must be one of'),
     (dict(solver='newton'), 'solver must be one of'),
+    (dict(backward_solver='broyden'), 'backward_solver must be one of'),
     (dict(solver_tol=0), 'tol must be a relative residual'),
     (dict(backward_max_iter=0), 'backward_max_iter must be a positive integer'),
     (dict(steps=(3, 3)), 'one entry per stage'),

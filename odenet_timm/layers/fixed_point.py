@@ -51,19 +51,23 @@ class FixedPointConvergenceWarning(RuntimeWarning):
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """Settings of the forward solve (``tol``, ``max_iter``; also used to reconstruct inputs) and of the
-    backward linear solve (``backward_tol``, ``backward_max_iter``). Tolerances are per-sample relative
-    residuals ``‖G(y) − y‖ / ‖G(y)‖``; ``anderson_memory`` is the number of past iterates Anderson mixes."""
+    """Settings of the forward solve (``solver``, ``tol``, ``max_iter``; also used to reconstruct inputs) and of
+    the backward linear solve (``backward_tol``, ``backward_max_iter``, ``backward_solver``: ``None`` for the
+    forward's). Tolerances are per-sample relative residuals ``‖G(y) − y‖ / ‖G(y)‖``; ``anderson_memory`` is the
+    number of past iterates Anderson mixes."""
     solver: str = 'anderson'
     tol: float = 1e-4
     max_iter: int = 30
     backward_tol: float = 1e-4
     backward_max_iter: int = 30
     anderson_memory: int = 5
+    backward_solver: Optional[str] = None
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f'solver must be one of {SOLVERS}, got {self.solver!r}')
+        if self.backward_solver is not None and self.backward_solver not in SOLVERS:
+            raise ValueError(f'backward_solver must be one of {SOLVERS} or None, got {self.backward_solver!r}')
         for key in ('tol', 'backward_tol'):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and 0 < value < 1):
@@ -75,8 +79,13 @@ class SolverConfig:
 
     @property
     def memory(self) -> int:
-        """History length of the solver: 1 is plain fixed-point iteration ``y ← G(y)``."""
+        """History length of the forward solver: 1 is plain fixed-point iteration ``y ← G(y)``."""
         return self.anderson_memory if self.solver == 'anderson' else 1
+
+    @property
+    def backward_memory(self) -> int:
+        """History length of the backward solver."""
+        return self.anderson_memory if (self.backward_solver or self.solver) == 'anderson' else 1
 
 
 @dataclass(frozen=True)
@@ -285,9 +294,9 @@ def linearize(g: TensorMap, y: torch.Tensor,
     return own(y) if own is not None else GraphLinearization.record(g, y, inputs)
 
 
-def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int,
-           config: SolverConfig, log: SolverStatsLog) -> Tuple[torch.Tensor, torch.Tensor]:
-    x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, config.memory)
+def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int,
+           log: SolverStatsLog) -> Tuple[torch.Tensor, torch.Tensor]:
+    x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, memory)
     log.record(kind, name, stats)
     return x, gx
 
@@ -301,7 +310,8 @@ def _implicit_vjp(linearization: Linearization, saved: Sequence[torch.Tensor], g
     def adjoint_map(v):
         return grad + linearization.state_vjp(saved, v)
 
-    _, v = _solve('backward', name, adjoint_map, grad, config.backward_tol, config.backward_max_iter, config, log)
+    _, v = _solve('backward', name, adjoint_map, grad, config.backward_tol, config.backward_max_iter,
+                  config.backward_memory, log)
     return linearization.input_vjp(saved, v, needed)
 
 
@@ -373,7 +383,7 @@ def reconstruct_input(step: ImplicitMap, y: torch.Tensor, params: Sequence[torch
                       log: SolverStatsLog) -> torch.Tensor:
     """The input ``x`` with ``G(x, y) = y``, solved to the forward tolerance (kind ``'reconstruct'``)."""
     r, x0 = step.inverse_map(y, *params)
-    return _solve('reconstruct', step.name, r, x0, config.tol, config.max_iter, config, log)[1]
+    return _solve('reconstruct', step.name, r, x0, config.tol, config.max_iter, config.memory, log)[1]
 
 
 class _ReversibleChain(torch.autograd.Function):
