@@ -334,7 +334,7 @@ class _ImplicitStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step, config, log, x, *params):
         inputs = _leaves((x, *params))
-        with torch.enable_grad():  # F(x) of the explicit part is computed once, with its graph
+        with torch.enable_grad():  # the map's graph from x and params, for maps linearised by autograd
             g, y0 = step.forward_map(*inputs)
         y, stats = _solve_polished(g, y0, config)
         log.record('forward', step.name, stats)
