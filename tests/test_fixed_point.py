@@ -83,6 +83,7 @@ def test_log_summarises_the_latest_solves_and_warns_once():
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(solver='newton'), 'solver must be one of'),
+    (dict(backward_solver='newton'), 'backward_solver must be one of'),
     (dict(tol=0.0), 'tol must be a relative residual'),
     (dict(backward_tol=2.0), 'backward_tol must be'),
     (dict(max_iter=0), 'max_iter must be a positive integer'),

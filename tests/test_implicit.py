@@ -78,6 +78,25 @@ def test_ift_gradients_equal_the_unrolled_converged_solve(theta, scheme, h):
     assert _rel(naive[0], unrolled[0]) > 1e-2  # the comparison is sensitive to the implicit correction
 
 
+@pytest.mark.parametrize('theta, h', [(0.5, 1.0), (1.0, 0.9), (0.3, 1.5)])
+def test_hand_written_linearisation_equals_autograds(theta, h):
+    """The linear θ-map's own vector-Jacobian products (``LinearThetaMap.linearize``) against autograd's through
+    one application of the same map recorded with a graph, at a point that is not a fixed point, in float64."""
+    from odenet_timm.layers.fixed_point import GraphLinearization
+    block = _block(theta, h=h, channels=3)
+    inputs = [t.detach().requires_grad_() for t in (torch.randn(2, 3, 5, 5, dtype=torch.float64),
+                                                     *block.residual.normalized_params())]
+    g, _ = block.forward_map(*inputs)
+    y, v = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    own, own_saved = g.linearize(y)
+    reference, reference_saved = GraphLinearization.record(g, y, inputs)
+    assert _rel(own.state_vjp(own_saved, v), reference.state_vjp(reference_saved, v)) < 1e-13
+    for needed in ([True] * 5, [False, True, False, True, False]):
+        found, expected = own.input_vjp(own_saved, v, needed), reference.input_vjp(reference_saved, v, needed)
+        for need, a, b in zip(needed, found, expected):
+            assert (a is None and b is None) if not need else _rel(a, b) < 1e-13
+
+
 def test_default_tolerance_gradients_are_accurate_to_about_1e_5():
     """The backward linearises at the output the forward returns: in float32 at the default tolerances (1e-4) the
     gradients are within ~1e-5 of the float64 unrolled solve (linearising at the solver's previous iterate, whose
@@ -223,12 +242,15 @@ def test_memory_efficient_gradients_match_the_plain_ones(dtype, bound):
 
 
 def _retained_saved_bytes(model):
-    """Bytes of the distinct storages autograd still holds for backward after a training forward."""
+    """Bytes of the distinct storages autograd still holds for backward after a training forward. The hook packs
+    a detached alias (and watches it): returning the tensor itself would make each saved output hold its own
+    node, a reference cycle that keeps graphs alive which autograd frees otherwise."""
     refs = []
 
     def pack(t):
-        refs.append(weakref.ref(t))
-        return t
+        alias = t.detach()
+        refs.append(weakref.ref(alias))
+        return alias
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(torch.randn(8, 3, 32, 32))
@@ -241,16 +263,15 @@ def test_memory_efficient_training_stores_less():
     plain = _retained_saved_bytes(timm.create_model('implicit_trapezoid_resnet').train())
     efficient = _retained_saved_bytes(timm.create_model('implicit_trapezoid_resnet', memory_efficient=True).train())
     explicit = _retained_saved_bytes(timm.create_model('implicit_trapezoid_resnet', theta=0).train())
-    # memory-efficient keeps one tensor per stage plus the transitions' inputs
-    assert efficient < 0.4 * plain and efficient < 0.6 * explicit
-    # per block, explicit keeps x and ReLU(K₁x + b₁); plain keeps x, its output y (the next block's x), ReLU(K₁x + b₁),
-    # ReLU(K₁y + b₁), the mixed hidden activation K₂ is applied to, the graph's root G(x, y) and its inputs (the
-    # biases, which a convolution does not save): three feature maps and two biases more than explicit (batch 8,
-    # 3 blocks per stage at 16/32/64 channels, 32/16/8 pixels)
+    # memory-efficient keeps one tensor per stage plus the transitions' inputs (0.41× plain, 0.51× explicit)
+    assert efficient < 0.45 * plain and efficient < 0.55 * explicit
+    # per block, explicit keeps x and ReLU(K₁x + b₁); plain keeps x, its output y (the next block's x),
+    # h(1 − θ) ReLU(K₁x + b₁) and hθ ReLU(K₁y + b₁) (what the hand-written linearisation needs): one feature map
+    # more than explicit (batch 8, 3 blocks per stage at 16/32/64 channels, 32/16/8 pixels). Recording G(x, y)
+    # with a graph for autograd's linearisation kept three (its output, the mixed hidden activation, two biases).
     widths_and_sizes = ((16, 32), (32, 16), (64, 8))
     feature_maps = sum(3 * 8 * c * s * s for c, s in widths_and_sizes)
-    biases = sum(3 * c for c, _ in widths_and_sizes)
-    assert plain - explicit == 4 * 3 * feature_maps + 4 * 2 * biases
+    assert plain - explicit == 4 * feature_maps
     with pytest.raises(ValueError, match='memory_efficient=True needs theta=0.5'):
         timm.create_model('implicit_euler_resnet', memory_efficient=True)
 
@@ -298,8 +319,29 @@ def test_registered_models_and_their_settings():
     assert sum(isinstance(m, ImplicitBlock) for m in trapezoid.modules()) == 9
     assert sum(isinstance(m, ImplicitBlock) for m in euler.modules()) == 6
     assert euler.h == 0.5 and euler.scheme == 'one_leg'
-    assert trapezoid.solver_config == SolverConfig('anderson', 1e-4, 30, 1e-4, 30)
+    # forward: fixed-point iteration (the map contracts by ≤ ½); backward: Anderson (its gradients are more accurate)
+    assert trapezoid.solver_config == SolverConfig('fixed_point', 1e-4, 30, 1e-4, 30, backward_solver='anderson')
+    assert trapezoid.solver_config.memory == 1 and trapezoid.solver_config.backward_memory == 5
+    assert euler.solver_config.solver == 'anderson'  # at its default h = 1 the map contracts by ≤ 1 only
     assert timm.create_model('implicit_trapezoid_resnet', theta=0.25).theta == 0.25
+
+
+def test_backward_solver_is_the_adjoints_own():
+    """``backward_solver`` changes the adjoint solve only: the same weights give the same forward solves and
+    outputs, and different backward solves (Anderson's mixed iterates are not fixed-point iteration's)."""
+    stats, outputs = {}, {}
+    for backward_solver in ('anderson', 'fixed_point'):
+        torch.manual_seed(0)
+        model = timm.create_model('implicit_trapezoid_resnet', backward_solver=backward_solver, **_TINY).eval()
+        x = torch.randn(2, 3, 32, 32, requires_grad=True)
+        outputs[backward_solver] = model(x)
+        outputs[backward_solver].sum().backward()
+        stats[backward_solver] = model.solver_stats()
+        assert model.solver_config.solver == 'fixed_point'
+    assert torch.equal(outputs['anderson'], outputs['fixed_point'])
+    forward = [{k: v for k, v in s.items() if k.startswith('forward')} for s in stats.values()]
+    assert forward[0] == forward[1]
+    assert stats['anderson']['backward_residual_max'] != stats['fixed_point']['backward_residual_max']
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -307,6 +349,7 @@ def test_registered_models_and_their_settings():
     (dict(h=0), 'h must be a positive step size'),
     (dict(scheme='midpoint'), 'scheme must be one of'),
     (dict(solver='newton'), 'solver must be one of'),
+    (dict(backward_solver='broyden'), 'backward_solver must be one of'),
     (dict(solver_tol=0), 'tol must be a relative residual'),
     (dict(backward_max_iter=0), 'backward_max_iter must be a positive integer'),
     (dict(steps=(3, 3)), 'one entry per stage'),
@@ -328,11 +371,12 @@ def test_grad_checkpointing_is_refused_honestly():
 
 def test_a_trapezoidal_train_step_costs_the_counted_convolutions_per_block():
     """Per block and train step (linear scheme, θ = ½), in 3×3 convolutions (FLOPs counted by torch): forward K₁x
-    with a graph and K₂ for the Euler predictor, two per solver iteration and two for the polish without a graph,
-    two with a graph at the returned output; backward two per adjoint iteration (K₂ᵀ, K₁ᵀ) and the push: one K₂
-    weight gradient and one K₂ᵀ serving F(x) and F(y) together (K₂ is applied once, to the mixed hidden
-    activations), two K₁ weight gradients and K₁ᵀ to the input. Applying K₂ to F(x) and F(y) separately cost two
-    more. The explicit step (θ = 0) costs 2 + 4. README's implicit benchmark paragraph quotes these counts."""
+    and K₂ for the Euler predictor, two per solver iteration and two for the polish, and K₁ at the returned output
+    for the linearisation (its ReLU mask and hidden activation; the hand-written linearisation needs no K₂ there,
+    recording G(x, y) with a graph for autograd cost one more); backward two per adjoint iteration (K₂ᵀ, K₁ᵀ) and
+    the push: one K₂ weight gradient and one K₂ᵀ serving F(x) and F(y) together (K₂ is applied once, to the mixed
+    hidden activations), two K₁ weight gradients and K₁ᵀ to the input. The explicit step (θ = 0) costs 2 + 4.
+    README's implicit benchmark paragraph quotes these counts."""
     from torch.utils.flop_counter import FlopCounterMode
     from odenet_timm.layers.fixed_point import implicit_step
     block = _block(channels=4, tol=1e-4, dtype=torch.float32)
@@ -350,5 +394,5 @@ def test_a_trapezoidal_train_step_costs_the_counted_convolutions_per_block():
     stats = block.solver_log.records
     forward_iterations, backward_iterations = stats['forward']['block'].iterations, stats['backward']['block'].iterations
     assert forward_iterations >= 2 and backward_iterations >= 2  # a real solve, not the initial guess
-    assert forward == 2 + 2 * forward_iterations + 2 + 2
+    assert forward == 2 + 2 * forward_iterations + 2 + 1
     assert backward == 2 * backward_iterations + 5
