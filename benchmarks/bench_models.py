@@ -2,8 +2,9 @@
 """Side-by-side model benchmark: parameters, train-step and eval throughput, peak train-step memory.
 
 Each configuration is measured in its own subprocess (so one model's allocations cannot pollute another's
-peak), all configurations are measured in the same run, round-robin over ``--rounds`` rounds, and the median
-over rounds is reported together with ratios against a named baseline.
+peak), all configurations are measured in the same run, round-robin over ``--rounds`` rounds (the order reversed
+every other round), and the median over rounds is reported together with the ratios to a named baseline, taken
+round by round (the median of the per-round ratios and their min–max).
 
     python benchmarks/bench_models.py cifar_resnet_110 inresnet_110
     python benchmarks/bench_models.py hamiltonian_218 hamiltonian_218:memory_efficient=false \\
@@ -207,22 +208,26 @@ def aggregate(runs: list) -> dict:
 
 
 def add_ratios(rows: list, baseline: str) -> None:
+    """Ratios of every row to the baseline's. Time and memory are PAIRED: the ratio within each round (a row and the
+    baseline measured minutes apart at most), their median and ``[min, max]`` (``spread``); the ratio of the two
+    medians would pair one round's row with another round's baseline, which on a machine whose speed drifts between
+    rounds reads a different figure (one run: per-round CPU-time ratios 1.54, 1.30, 1.54, 1.46, 1.74, median 1.54;
+    ratio of the medians 1.71). FLOPs (counted, no spread) and eval time (not per round) are ratios of the figures."""
     base = next((r for r in rows if r['config'] == baseline and 'error' not in r), None)
     for row in rows:
         if base is None or 'error' in row:
             continue
-        row['step_time_ratio'] = row['train_step_ms'] / base['train_step_ms']
-        row['step_cpu_time_ratio'] = row['train_step_cpu_ms'] / base['train_step_cpu_ms']
         row['step_flop_ratio'] = row['train_step_gflop'] / base['train_step_gflop']
         row['eval_time_ratio'] = base['eval_img_s'] / row['eval_img_s']
-        row['memory_ratio'] = row['peak_train_mem_mb'] / base['peak_train_mem_mb'] if base['peak_train_mem_mb'] > 0 else None
-        # the same ratios round by round (a row and the baseline measured within the same round): their spread
         for key, ratio_key in (('train_step_ms', 'step_time_ratio'), ('train_step_cpu_ms', 'step_cpu_time_ratio'),
                                ('peak_train_mem_mb', 'memory_ratio')):
-            mine, theirs = row['per_round'][key], base['per_round'][key]
+            mine, theirs = row.get('per_round', {}).get(key), base.get('per_round', {}).get(key)
             if mine and theirs and len(mine) == len(theirs) and min(theirs) > 0:
                 ratios = [a / b for a, b in zip(mine, theirs)]
+                row[ratio_key] = statistics.median(ratios)
                 row['spread'][ratio_key] = [min(ratios), max(ratios)]
+            else:
+                row[ratio_key] = row[key] / base[key] if base[key] > 0 else None
 
 
 def markdown_table(rows: list, baseline: str) -> str:
@@ -280,7 +285,7 @@ def main(argv=None):
         parse_spec(spec)  # fail on a malformed spec before any measurement
     runs = {spec: [] for spec in configs}
     for round_idx in range(args.rounds):
-        for spec in configs:
+        for spec in (configs if round_idx % 2 == 0 else configs[::-1]):  # drift over a round hits both ends alike
             print(f'[round {round_idx + 1}/{args.rounds}] {spec}', file=sys.stderr, flush=True)
             runs[spec].append(run_in_subprocess(spec, args))
     rows = [aggregate(runs[spec]) for spec in configs]

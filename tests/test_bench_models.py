@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end (tiny settings) and reports what it promises."""
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,23 @@ def test_bench_runs_side_by_side_with_ratios(tmp_path, capsys):
     assert other['spread']['train_step_ms'][0] <= other['train_step_ms'] <= other['spread']['train_step_ms'][1]
     table = capsys.readouterr().out
     assert '| inresnet_20:layers=[2,2,2] |' in table and 'step time / cifar_resnet_20:layers=[1,1,1]' in table
+
+
+def test_time_and_memory_ratios_are_paired_round_by_round():
+    """The ratio is the median of the per-round ratios (a row against the baseline of the same round), not the
+    ratio of the medians, which pairs figures from different rounds."""
+    def row(config, cpu_ms, mem_mb):
+        return dict(config=config, train_step_ms=statistics.median(cpu_ms), train_step_cpu_ms=statistics.median(cpu_ms),
+                    peak_train_mem_mb=statistics.median(mem_mb), train_step_gflop=2.0, eval_img_s=10.0, spread={},
+                    per_round=dict(train_step_ms=cpu_ms, train_step_cpu_ms=cpu_ms, peak_train_mem_mb=mem_mb))
+    base = row('plain', [1303, 1133, 1273, 1142, 1144], [137.0] * 5)
+    other = row('memory-efficient', [2001, 1468, 1962, 1670, 1986], [23.0] * 5)
+    bench_models.add_ratios([base, other], 'plain')
+    per_round = [2001 / 1303, 1468 / 1133, 1962 / 1273, 1670 / 1142, 1986 / 1144]
+    assert other['step_cpu_time_ratio'] == pytest.approx(statistics.median(per_round))  # 1.54
+    assert other['step_cpu_time_ratio'] < 0.95 * (1962 / 1144)  # the ratio of the medians would read 1.72
+    assert other['spread']['step_cpu_time_ratio'] == pytest.approx([min(per_round), max(per_round)])
+    assert other['memory_ratio'] == pytest.approx(23 / 137) and base['step_cpu_time_ratio'] == 1.0
 
 
 def test_bench_reports_a_failing_configuration(tmp_path):
