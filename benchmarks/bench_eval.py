@@ -50,6 +50,7 @@ from odenet_timm.robust import AttackProtocol, evaluate, load_evaluation_example
 from odenet_timm.robust.attacks import SQUARE_P_INIT, predict, sample_size  # noqa: E402
 from odenet_timm.robust.noise import NOISE_SEVERITIES, SEVERITIES, ComputedNoise  # noqa: E402
 from odenet_timm.robust.seeding import derive_seed  # noqa: E402
+from bench_models import round_order  # noqa: E402  (its sibling; the script's directory is on sys.path)
 
 TRUST_CHECKS = ('blackbox', 'large_eps')
 WHITE_BOX = ('fgsm', 'ifgsm', 'pgd')
@@ -239,8 +240,7 @@ def main(argv=None) -> int:
             variants['before'] = lambda: timed_checkout(args.before, export, args)
         rounds = []
         for r in range(args.rounds):
-            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-            measured = {name: variants[name]() for name in order}
+            measured = {name: variants[name]() for name in round_order(variants, r)}
             if 'bare' in measured:
                 measured['bare']['total'] = sum(measured['bare'].values())
             rounds.append(measured)

@@ -207,6 +207,18 @@ def aggregate(runs: list) -> dict:
     return row
 
 
+def round_order(items, round_index: int) -> list:
+    """``items`` in order on even rounds and reversed on odd ones, so that a drift of the machine's speed during a
+    round favours none of them (every benchmark of ``benchmarks/`` runs its variants this way)."""
+    return list(items) if round_index % 2 == 0 else list(items)[::-1]
+
+
+def paired_ratio(mine: list, theirs: list):
+    """The round-by-round ratios ``mine[i] / theirs[i]``: their median and ``[min, max]``."""
+    ratios = [a / b for a, b in zip(mine, theirs)]
+    return statistics.median(ratios), [min(ratios), max(ratios)]
+
+
 def add_ratios(rows: list, baseline: str) -> None:
     """Ratios of every row to the baseline's. Time and memory are PAIRED: the ratio within each round (a row and the
     baseline measured minutes apart at most), their median and ``[min, max]`` (``spread``); the ratio of the two
@@ -223,9 +235,7 @@ def add_ratios(rows: list, baseline: str) -> None:
                                ('peak_train_mem_mb', 'memory_ratio')):
             mine, theirs = row.get('per_round', {}).get(key), base.get('per_round', {}).get(key)
             if mine and theirs and len(mine) == len(theirs) and min(theirs) > 0:
-                ratios = [a / b for a, b in zip(mine, theirs)]
-                row[ratio_key] = statistics.median(ratios)
-                row['spread'][ratio_key] = [min(ratios), max(ratios)]
+                row[ratio_key], row['spread'][ratio_key] = paired_ratio(mine, theirs)
             else:
                 row[ratio_key] = row[key] / base[key] if base[key] > 0 else None
 
@@ -285,7 +295,7 @@ def main(argv=None):
         parse_spec(spec)  # fail on a malformed spec before any measurement
     runs = {spec: [] for spec in configs}
     for round_idx in range(args.rounds):
-        for spec in (configs if round_idx % 2 == 0 else configs[::-1]):  # drift over a round hits both ends alike
+        for spec in round_order(configs, round_idx):
             print(f'[round {round_idx + 1}/{args.rounds}] {spec}', file=sys.stderr, flush=True)
             runs[spec].append(run_in_subprocess(spec, args))
     rows = [aggregate(runs[spec]) for spec in configs]

@@ -36,7 +36,8 @@ error naming the row and the variant otherwise. Then the variants are timed roun
 its own (the median and min–max over rounds are reported, ratios round by round, of wall time and of the process's
 CPU time), and one more step of each is measured for peak tensor memory: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the allocator's own allocation and free records (``torch.profiler``,
-``profile_memory=True``) summed in time order (see ``bench_models.py``), after one profiled step of the same variant so that every variant's frees of what the previous step left are counted.
+``profile_memory=True``) summed in time order (see ``bench_models.py``), after one profiled step of the same
+variant so that every variant's frees of what the previous step left are counted.
 Ratios are project / peer: below 1 the project is faster or smaller. Prints JSON and a Markdown table and
 writes ``--json``.
 """
@@ -49,7 +50,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import step_tensor_peak_mb  # noqa: E402  (the same memory measure in both benchmarks)
+from bench_models import paired_ratio, round_order, step_tensor_peak_mb  # noqa: E402  (shared with bench_models)
 
 PROJECT = 'project'
 
@@ -428,8 +429,7 @@ def measure(steps, rounds, n_steps, sync, cuda):
     times = {kind: [] for kind in steps}
     cpu_times = {kind: [] for kind in steps}
     for round_index in range(rounds):
-        order = list(steps.items())
-        for kind, step in (order if round_index % 2 == 0 else order[::-1]):
+        for kind, step in round_order(steps.items(), round_index):
             step()
             sync()
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -442,17 +442,11 @@ def measure(steps, rounds, n_steps, sync, cuda):
     return times, cpu_times, memory
 
 
-def _ratio_median_and_spread(mine, values):
-    """Round-by-round ratios ``mine / values``: their median and ``[min, max]``."""
-    ratios = [a / b for a, b in zip(mine, values)]
-    return statistics.median(ratios), [min(ratios), max(ratios)]
-
-
 def summarise(name, times, cpu_times, memory, extra=None):
     rows = []
     for kind, values in times.items():
-        time_ratio, time_spread = _ratio_median_and_spread(times[PROJECT], values)
-        cpu_ratio, cpu_spread = _ratio_median_and_spread(cpu_times[PROJECT], cpu_times[kind])
+        time_ratio, time_spread = paired_ratio(times[PROJECT], values)
+        cpu_ratio, cpu_spread = paired_ratio(cpu_times[PROJECT], cpu_times[kind])
         row = dict(row=name, variant=kind, step_ms=1000 * statistics.median(values),
                    step_ms_spread=[1000 * min(values), 1000 * max(values)], peak_mem_mb=memory[kind],
                    time_ratio=time_ratio, time_ratio_spread=time_spread,
