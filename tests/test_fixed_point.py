@@ -39,6 +39,32 @@ def test_anderson_needs_fewer_iterations_than_plain_iteration():
     assert anderson.iterations < plain.iterations / 3
 
 
+def test_extrapolation_is_exact_in_the_krylov_space_and_reports_its_true_residual():
+    """Reduced-rank extrapolation of plain iterates: for ``A`` with two distinct eigenvalues the residuals of any
+    three consecutive iterates are linearly dependent, so three evaluations give the fixed point exactly, where
+    plain iteration has barely started (contraction 0.9). The reported residual is that of the returned iterate
+    (exact for an affine map), and the second return is its image."""
+    dim = 12
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([0.9] * 6 + [-0.5] * 6, dtype=torch.float64)) @ q.T
+    b = torch.randn(3, dim, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - a, b.T).T
+
+    def g(x):
+        return x @ a.T + b
+    x0 = torch.zeros_like(b)
+    x, gx, stats = solve_fixed_point(g, x0, tol=1e-10, max_iter=3, memory=5, extrapolate=True)
+    plain_x, _, plain = solve_fixed_point(g, x0, tol=1e-10, max_iter=3, memory=1)
+    assert torch.allclose(x, exact, rtol=1e-9, atol=1e-9) and stats.converged and stats.iterations == 3
+    assert plain.residual > 0.1 and not torch.allclose(plain_x, exact, rtol=1e-2)
+    assert torch.allclose(gx, g(x), rtol=1e-12, atol=1e-12)
+    true = ((g(x) - x).norm(dim=1) / g(x).norm(dim=1)).max()
+    assert stats.residual == pytest.approx(float(true), rel=1e-6, abs=1e-15)
+    # with memory 1 there is nothing to extrapolate from: plain iteration
+    x1, _, one = solve_fixed_point(g, x0, tol=1e-10, max_iter=3, memory=1, extrapolate=True)
+    assert torch.equal(x1, plain_x) and one.residual == plain.residual
+
+
 @pytest.mark.parametrize('memory', [1, 5])
 def test_a_map_without_fixed_point_is_reported_not_converged(memory):
     x, _, stats = solve_fixed_point(lambda x: x + 1, torch.randn(2, 4), tol=1e-6, max_iter=7, memory=memory)
@@ -84,6 +110,7 @@ def test_log_summarises_the_latest_solves_and_warns_once():
 @pytest.mark.parametrize('kwargs, match', [
     (dict(solver='newton'), 'solver must be one of'),
     (dict(backward_solver='newton'), 'backward_solver must be one of'),
+    (dict(solver='extrapolated'), 'solver must be one of'),  # its residual is exact for affine maps only
     (dict(tol=0.0), 'tol must be a relative residual'),
     (dict(backward_tol=2.0), 'backward_tol must be'),
     (dict(max_iter=0), 'max_iter must be a positive integer'),

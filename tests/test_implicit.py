@@ -319,18 +319,21 @@ def test_registered_models_and_their_settings():
     assert sum(isinstance(m, ImplicitBlock) for m in trapezoid.modules()) == 9
     assert sum(isinstance(m, ImplicitBlock) for m in euler.modules()) == 6
     assert euler.h == 0.5 and euler.scheme == 'one_leg'
-    # forward: fixed-point iteration (the map contracts by ≤ ½); backward: Anderson (its gradients are more accurate)
-    assert trapezoid.solver_config == SolverConfig('fixed_point', 1e-4, 30, 1e-4, 30, backward_solver='anderson')
-    assert trapezoid.solver_config.memory == 1 and trapezoid.solver_config.backward_memory == 5
+    # forward: fixed-point iteration (the map contracts by ≤ ½); backward: fixed-point iteration extrapolated from
+    # its last 5 iterates (gradients as accurate as Anderson's, without its per-iteration mixing)
+    assert trapezoid.solver_config == SolverConfig('fixed_point', 1e-4, 30, 1e-4, 30, backward_solver='extrapolated')
+    assert trapezoid.solver_config.forward_method == dict(memory=1, extrapolate=False)
+    assert trapezoid.solver_config.backward_method == dict(memory=5, extrapolate=True)
     assert euler.solver_config.solver == 'anderson'  # at its default h = 1 the map contracts by ≤ 1 only
     assert timm.create_model('implicit_trapezoid_resnet', theta=0.25).theta == 0.25
 
 
 def test_backward_solver_is_the_adjoints_own():
     """``backward_solver`` changes the adjoint solve only: the same weights give the same forward solves and
-    outputs, and different backward solves (Anderson's mixed iterates are not fixed-point iteration's)."""
+    outputs, and different backward solves (Anderson's mixed iterates are not fixed-point iteration's, nor its
+    extrapolation)."""
     stats, outputs = {}, {}
-    for backward_solver in ('anderson', 'fixed_point'):
+    for backward_solver in ('anderson', 'fixed_point', 'extrapolated'):
         torch.manual_seed(0)
         model = timm.create_model('implicit_trapezoid_resnet', backward_solver=backward_solver, **_TINY).eval()
         x = torch.randn(2, 3, 32, 32, requires_grad=True)
@@ -338,10 +341,14 @@ def test_backward_solver_is_the_adjoints_own():
         outputs[backward_solver].sum().backward()
         stats[backward_solver] = model.solver_stats()
         assert model.solver_config.solver == 'fixed_point'
-    assert torch.equal(outputs['anderson'], outputs['fixed_point'])
+    assert torch.equal(outputs['anderson'], outputs['fixed_point']) and torch.equal(outputs['anderson'],
+                                                                                     outputs['extrapolated'])
     forward = [{k: v for k, v in s.items() if k.startswith('forward')} for s in stats.values()]
-    assert forward[0] == forward[1]
-    assert stats['anderson']['backward_residual_max'] != stats['fixed_point']['backward_residual_max']
+    assert forward[0] == forward[1] == forward[2]
+    residuals = {name: s['backward_residual_max'] for name, s in stats.items()}
+    assert len(set(residuals.values())) == 3
+    # the extrapolation is the combination of the plain iterates with the smallest residual: never worse
+    assert residuals['extrapolated'] < residuals['fixed_point']
 
 
 @pytest.mark.parametrize('kwargs, match', [

@@ -6,6 +6,8 @@ networks", arXiv:1905.10479). This module knows nothing about what ``G`` is; it 
 
 * :func:`solve_fixed_point`: fixed-point iteration or Anderson acceleration, with no graph linking the
   iterations, to a per-sample relative residual ``‖G(y) − y‖ / ‖G(y)‖ ≤ tol`` or ``max_iter`` evaluations of ``G``;
+  or, for affine maps (the backward's adjoint system), fixed-point iteration whose answer is the reduced-rank
+  extrapolation of its last iterates;
 * :func:`implicit_step`: the forward solve plus an implicit-function-theorem backward. The step returns the
   solver's ``y*`` and keeps ``G`` linearised at that same ``y*`` (:class:`Linearization`): the backward
   linearises at the output it returned. The gradient ``g`` arriving at the output is replaced by the solution
@@ -28,6 +30,7 @@ application of ``G`` (:class:`GraphLinearization`), unless the map returned by `
 """
 import math
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
@@ -35,12 +38,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    'SOLVERS', 'SolverConfig', 'SolverStats', 'SolverStatsLog', 'FixedPointConvergenceWarning', 'ImplicitMap',
+    'SOLVERS', 'BACKWARD_SOLVERS', 'SolverConfig', 'SolverStats', 'SolverStatsLog', 'FixedPointConvergenceWarning', 'ImplicitMap',
     'Linearization', 'LinearizableMap', 'GraphLinearization', 'linearize', 'solve_fixed_point', 'implicit_step',
     'reconstruct_input', 'reversible_implicit_chain',
 ]
 
 SOLVERS = ('anderson', 'fixed_point')
+BACKWARD_SOLVERS = SOLVERS + ('extrapolated',)  # extrapolation's residual is exact for affine maps only
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,8 +57,9 @@ class FixedPointConvergenceWarning(RuntimeWarning):
 class SolverConfig:
     """Settings of the forward solve (``solver``, ``tol``, ``max_iter``; also used to reconstruct inputs) and of
     the backward linear solve (``backward_tol``, ``backward_max_iter``, ``backward_solver``: ``None`` for the
-    forward's). Tolerances are per-sample relative residuals ``‖G(y) − y‖ / ‖G(y)‖``; ``anderson_memory`` is the
-    number of past iterates Anderson mixes."""
+    forward's, or ``'extrapolated'``, see :func:`solve_fixed_point`). Tolerances are per-sample relative residuals
+    ``‖G(y) − y‖ / ‖G(y)‖``; ``anderson_memory`` is the number of past iterates Anderson mixes (or extrapolation
+    combines)."""
     solver: str = 'anderson'
     tol: float = 1e-4
     max_iter: int = 30
@@ -66,8 +71,9 @@ class SolverConfig:
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f'solver must be one of {SOLVERS}, got {self.solver!r}')
-        if self.backward_solver is not None and self.backward_solver not in SOLVERS:
-            raise ValueError(f'backward_solver must be one of {SOLVERS} or None, got {self.backward_solver!r}')
+        if self.backward_solver is not None and self.backward_solver not in BACKWARD_SOLVERS:
+            raise ValueError(
+                f'backward_solver must be one of {BACKWARD_SOLVERS} or None, got {self.backward_solver!r}')
         for key in ('tol', 'backward_tol'):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and 0 < value < 1):
@@ -78,14 +84,17 @@ class SolverConfig:
                 raise ValueError(f'{key} must be a positive integer, got {value!r}')
 
     @property
-    def memory(self) -> int:
-        """History length of the forward solver: 1 is plain fixed-point iteration ``y ← G(y)``."""
-        return self.anderson_memory if self.solver == 'anderson' else 1
+    def forward_method(self) -> Dict[str, object]:
+        """:func:`solve_fixed_point`'s ``memory`` and ``extrapolate`` for the forward solves."""
+        return self._method(self.solver)
 
     @property
-    def backward_memory(self) -> int:
-        """History length of the backward solver."""
-        return self.anderson_memory if (self.backward_solver or self.solver) == 'anderson' else 1
+    def backward_method(self) -> Dict[str, object]:
+        """:func:`solve_fixed_point`'s ``memory`` and ``extrapolate`` for the backward solves."""
+        return self._method(self.backward_solver or self.solver)
+
+    def _method(self, solver: str) -> Dict[str, object]:
+        return dict(memory=1 if solver == 'fixed_point' else self.anderson_memory, extrapolate=solver == 'extrapolated')
 
 
 @dataclass(frozen=True)
@@ -122,31 +131,36 @@ def _anderson_weights(gram: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def solve_fixed_point(
-        g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int = 5,
+        g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int = 5, extrapolate: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, SolverStats]:
     """Solve ``x = g(x)`` for a batch (dim 0 indexes samples); nothing is differentiated through the iterations.
 
     ``memory == 1`` is fixed-point iteration ``x ← g(x)``; ``memory > 1`` is Anderson acceleration: the next
     iterate is ``Σ α_i g(x_i)`` over the last ``memory`` iterates, α minimising ``‖Σ α_i (g(x_i) − x_i)‖`` with
-    ``Σ α_i = 1``. Every evaluation ``g(x)`` measures the residual at ``x``; each sample keeps the iterate with its
-    smallest residual. Stops when every sample is within ``tol`` or after ``max_iter`` evaluations.
+    ``Σ α_i = 1``. With ``extrapolate`` (and ``memory > 1``) the iteration is plain and those weights are computed
+    once, at the end (reduced-rank extrapolation, for affine maps such as the backward's adjoint system): the
+    extrapolated iterate ``Σ α_i x_i`` has the residual ``Σ α_i r_i`` (exact when ``g`` is affine, an estimate
+    otherwise) and the image ``Σ α_i g(x_i)``; it spans the Krylov space Anderson explores without its
+    per-iteration mixing. Every evaluation ``g(x)`` measures the residual at ``x``; each sample keeps the iterate
+    (or the extrapolation) with its smallest residual. Stops when every sample is within ``tol`` or after
+    ``max_iter`` evaluations.
 
     Returns ``(x, g(x), stats)`` for those best iterates; ``g(x)`` is one more application of the map (a better
     solution when ``g`` is a contraction) and costs nothing extra.
     """
     batch, dim = x0.shape[0], x0[0].numel()
     mask_shape = (-1,) + (1,) * (x0.dim() - 1)
-    if memory > 1:  # ring buffers of the last `memory` images g(x_i), residuals r_i and their Gram matrix
+    mixing = memory > 1 and not extrapolate
+    if mixing:  # ring buffers of the last `memory` images g(x_i), residuals r_i and their Gram matrix
         images = x0.new_empty(batch, memory, dim)
         residuals = x0.new_empty(batch, memory, dim)
         gram = x0.new_zeros(batch, memory, memory)
+    history = deque(maxlen=memory if extrapolate else 0)  # (g(x_i), r_i) of the last evaluations
     x = x0
     best_x = best_gx = best_res = None
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
-        gx = g(x)
-        r = gx - x
-        res = _relative_residual(r, gx)
+
+    def keep_better(x, gx, res):
+        nonlocal best_x, best_gx, best_res
         better = None if best_res is None else res < best_res
         if better is None or bool(better.all()):
             best_x, best_gx, best_res = x, gx, res
@@ -154,15 +168,23 @@ def solve_fixed_point(
             best_x = torch.where(better.view(mask_shape), x, best_x)
             best_gx = torch.where(better.view(mask_shape), gx, best_gx)
             best_res = torch.where(better, res, best_res)
+
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        gx = g(x)
+        r = gx - x
+        keep_better(x, gx, _relative_residual(r, gx))
+        history.append((gx, r))
         if best_res.max() <= tol:
             break
-        if memory == 1:
+        if not mixing:
             x = gx
             continue
         slot, n = (iterations - 1) % memory, min(iterations, memory)
         images[:, slot] = gx.flatten(1)
         residuals[:, slot] = r.flatten(1)
-        dots = torch.bmm(residuals[:, :n], residuals[:, slot, :, None]).squeeze(2)
+        # (1 × dim)·(dim × n): a matrix product; the (n × dim)·(dim × 1) orientation is ~10× slower on CPU
+        dots = torch.bmm(residuals[:, slot, None, :], residuals[:, :n].transpose(1, 2)).squeeze(1)
         gram[:, slot, :n] = dots
         gram[:, :n, slot] = dots
         if n == 1:  # a single iterate mixes to itself
@@ -170,8 +192,35 @@ def solve_fixed_point(
             continue
         alpha = _anderson_weights(gram[:, :n, :n])
         x = torch.bmm(alpha[:, None, :], images[:, :n]).view_as(x0)
+    if len(history) > 1:
+        keep_better(*_extrapolation(history))
     worst = float(best_res.max())
     return best_x, best_gx, SolverStats(iterations, worst, worst <= tol, tol, max_iter)
+
+
+def _extrapolation(history: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Σ α_i x_i, Σ α_i g(x_i), relative residual of Σ α_i r_i)`` with the weights α minimising
+    ``‖Σ α_i r_i‖``, ``Σ α_i = 1``, over the ``(g(x_i), r_i)`` of ``history``. Sums and dot products run over
+    the history in place: no stacked copy of it (fresh large buffers cost page faults on CPU)."""
+    residuals = [r.flatten(1) for _, r in history]
+    n = len(residuals)
+    gram = residuals[0].new_empty(residuals[0].shape[0], n, n)
+    for i in range(n):
+        for j in range(i + 1):
+            gram[:, i, j] = gram[:, j, i] = torch.linalg.vecdot(residuals[i], residuals[j])
+    alpha = _anderson_weights(gram)
+    weight_shape = (-1,) + (1,) * (history[0][0].dim() - 1)
+
+    def combine(tensors):
+        out = tensors[0] * alpha[:, 0].view(weight_shape)
+        for i in range(1, n):
+            out.addcmul_(tensors[i], alpha[:, i].view(weight_shape))
+        return out
+
+    image = combine([gx for gx, _ in history])
+    residual = combine([r for _, r in history])
+    return image - residual, image, _relative_residual(residual, image)
 
 
 class SolverStatsLog:
@@ -294,9 +343,9 @@ def linearize(g: TensorMap, y: torch.Tensor,
     return own(y) if own is not None else GraphLinearization.record(g, y, inputs)
 
 
-def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, memory: int,
+def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, method: Dict[str, object],
            log: SolverStatsLog) -> Tuple[torch.Tensor, torch.Tensor]:
-    x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, memory)
+    x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, **method)
     log.record(kind, name, stats)
     return x, gx
 
@@ -311,7 +360,7 @@ def _implicit_vjp(linearization: Linearization, saved: Sequence[torch.Tensor], g
         return grad + linearization.state_vjp(saved, v)
 
     _, v = _solve('backward', name, adjoint_map, grad, config.backward_tol, config.backward_max_iter,
-                  config.backward_memory, log)
+                  config.backward_method, log)
     return linearization.input_vjp(saved, v, needed)
 
 
@@ -321,7 +370,7 @@ def _solve_polished(g: TensorMap, y0: torch.Tensor, config: SolverConfig) -> Tup
     returns and its backward linearises at, a contraction factor more accurate than the solver's own check. The
     statistics report the residual ``‖g(y_s) − y_s‖ / ‖g(y_s)‖`` of that image ``y_s`` (known from the output
     ``g(y_s)``): the output's own is smaller by the contraction factor."""
-    _, image, stats = solve_fixed_point(g, y0.detach(), config.tol, config.max_iter, config.memory)
+    _, image, stats = solve_fixed_point(g, y0.detach(), config.tol, config.max_iter, **config.forward_method)
     y = g(image)
     worst = float(_relative_residual(y - image, y).max())
     return y, SolverStats(stats.iterations, worst, worst <= stats.tol, stats.tol, stats.max_iter)
@@ -383,7 +432,7 @@ def reconstruct_input(step: ImplicitMap, y: torch.Tensor, params: Sequence[torch
                       log: SolverStatsLog) -> torch.Tensor:
     """The input ``x`` with ``G(x, y) = y``, solved to the forward tolerance (kind ``'reconstruct'``)."""
     r, x0 = step.inverse_map(y, *params)
-    return _solve('reconstruct', step.name, r, x0, config.tol, config.max_iter, config.memory, log)[1]
+    return _solve('reconstruct', step.name, r, x0, config.tol, config.max_iter, config.forward_method, log)[1]
 
 
 class _ReversibleChain(torch.autograd.Function):
