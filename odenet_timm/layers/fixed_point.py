@@ -30,7 +30,6 @@ application of ``G`` (:class:`GraphLinearization`), unless the map returned by `
 """
 import math
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
@@ -151,11 +150,13 @@ def solve_fixed_point(
     batch, dim = x0.shape[0], x0[0].numel()
     mask_shape = (-1,) + (1,) * (x0.dim() - 1)
     mixing = memory > 1 and not extrapolate
-    if mixing:  # ring buffers of the last `memory` images g(x_i), residuals r_i and their Gram matrix
-        images = x0.new_empty(batch, memory, dim)
-        residuals = x0.new_empty(batch, memory, dim)
-        gram = x0.new_zeros(batch, memory, memory)
-    history = deque(maxlen=memory if extrapolate else 0)  # (g(x_i), r_i) of the last evaluations
+    slots = min(memory, max_iter)
+    # the residuals r_i = g(x_i) − x_i of the last `slots` evaluations, written in place (one buffer per solve)
+    residuals = x0.new_empty(batch, slots, dim)
+    if mixing:  # Anderson: the images g(x_i) too, and the residuals' Gram matrix
+        images = x0.new_empty(batch, slots, dim)
+        gram = x0.new_zeros(batch, slots, slots)
+    kept_images: List[Optional[torch.Tensor]] = [None] * slots  # extrapolation: the images themselves
     x = x0
     best_x = best_gx = best_res = None
 
@@ -172,17 +173,17 @@ def solve_fixed_point(
     iterations = 0
     for iterations in range(1, max_iter + 1):
         gx = g(x)
-        r = gx - x
+        slot, n = (iterations - 1) % slots, min(iterations, slots)
+        r = torch.sub(gx, x, out=residuals[:, slot].view(x0.shape))
         keep_better(x, gx, _relative_residual(r, gx))
-        history.append((gx, r))
+        if extrapolate:
+            kept_images[slot] = gx
         if best_res.max() <= tol:
             break
         if not mixing:
             x = gx
             continue
-        slot, n = (iterations - 1) % memory, min(iterations, memory)
         images[:, slot] = gx.flatten(1)
-        residuals[:, slot] = r.flatten(1)
         # (1 × dim)·(dim × n): a matrix product; the (n × dim)·(dim × 1) orientation is ~10× slower on CPU
         dots = torch.bmm(residuals[:, slot, None, :], residuals[:, :n].transpose(1, 2)).squeeze(1)
         gram[:, slot, :n] = dots
@@ -192,34 +193,22 @@ def solve_fixed_point(
             continue
         alpha = _anderson_weights(gram[:, :n, :n])
         x = torch.bmm(alpha[:, None, :], images[:, :n]).view_as(x0)
-    if len(history) > 1:
-        keep_better(*_extrapolation(history))
+    if extrapolate and n > 1:
+        keep_better(*_extrapolation(kept_images[:n], residuals[:, :n]))
     worst = float(best_res.max())
     return best_x, best_gx, SolverStats(iterations, worst, worst <= tol, tol, max_iter)
 
 
-def _extrapolation(history: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+def _extrapolation(images: Sequence[torch.Tensor], residuals: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Σ α_i x_i, Σ α_i g(x_i), relative residual of Σ α_i r_i)`` with the weights α minimising
-    ``‖Σ α_i r_i‖``, ``Σ α_i = 1``, over the ``(g(x_i), r_i)`` of ``history``. Sums and dot products run over
-    the history in place: no stacked copy of it (fresh large buffers cost page faults on CPU)."""
-    residuals = [r.flatten(1) for _, r in history]
-    n = len(residuals)
-    gram = residuals[0].new_empty(residuals[0].shape[0], n, n)
-    for i in range(n):
-        for j in range(i + 1):
-            gram[:, i, j] = gram[:, j, i] = torch.linalg.vecdot(residuals[i], residuals[j])
-    alpha = _anderson_weights(gram)
-    weight_shape = (-1,) + (1,) * (history[0][0].dim() - 1)
-
-    def combine(tensors):
-        out = tensors[0] * alpha[:, 0].view(weight_shape)
-        for i in range(1, n):
-            out.addcmul_(tensors[i], alpha[:, i].view(weight_shape))
-        return out
-
-    image = combine([gx for gx, _ in history])
-    residual = combine([r for _, r in history])
+    """``(Σ α_i x_i, Σ α_i g(x_i), relative residual of Σ α_i r_i)`` for the images ``g(x_i)`` and the
+    ``(batch, n, dim)`` residuals ``r_i``, with the weights α minimising ``‖Σ α_i r_i‖``, ``Σ α_i = 1``."""
+    alpha = _anderson_weights(torch.bmm(residuals, residuals.transpose(1, 2)))
+    weight_shape = (-1,) + (1,) * (images[0].dim() - 1)
+    image = images[0] * alpha[:, 0].view(weight_shape)
+    for i in range(1, len(images)):
+        image.addcmul_(images[i], alpha[:, i].view(weight_shape))
+    residual = torch.bmm(alpha[:, None, :], residuals).view_as(image)
     return image - residual, image, _relative_residual(residual, image)
 
 
