@@ -403,3 +403,36 @@ def test_a_trapezoidal_train_step_costs_the_counted_convolutions_per_block():
     assert forward_iterations >= 2 and backward_iterations >= 2  # a real solve, not the initial guess
     assert forward == 2 + 2 * forward_iterations + 2 + 1
     assert backward == 2 * backward_iterations + 5
+
+
+def test_jacobian_free_backward_pushes_the_output_gradient_through_one_step_and_solves_nothing():
+    """``backward_solver='jacobian_free'`` (opt-in): the adjoint solution is replaced by the output gradient ``g``
+    itself, so the gradients are ``(∂G/∂(x, p))ᵀ g`` at the returned ``y*``, what autograd gives through one
+    application of the step with ``y*`` held constant; no adjoint product is made (the push's 5 convolutions are
+    the whole backward) and no backward solve is recorded. The exact gradient differs: it is not a default."""
+    import dataclasses
+    from torch.utils.flop_counter import FlopCounterMode
+    from odenet_timm.layers.fixed_point import implicit_step
+    block = _block(channels=3, tol=1e-10)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    params = [p.detach().requires_grad_() for p in block.residual.normalized_params()]
+
+    def gradients(config):
+        block.solver_log.clear()
+        y = implicit_step(block, x, params, config, block.solver_log)
+        with FlopCounterMode(display=False) as counter:
+            found = torch.autograd.grad((y * weight).sum(), [x, *params])
+        convs = sum(v for k, v in counter.get_flop_counts()['Global'].items() if 'convolution' in str(k))
+        return y, found, convs / (2 * 2 * 3 * 3 * 9 * 6 * 6)
+
+    y, jacobian_free, convs = gradients(dataclasses.replace(block.config, backward_solver='jacobian_free'))
+    assert convs == 5 and 'block' not in block.solver_log.records['backward']
+    # autograd through the step's formula G(x, y) = x + h[(1 − θ) F(x) + θ F(y)] with y = y* held constant
+    out = x + block.h * ((1 - block.theta) * block.residual.evaluate(x, params)
+                         + block.theta * block.residual.evaluate(y.detach(), params))
+    expected = torch.autograd.grad((out * weight).sum(), [x, *params])
+    for found, want in zip(jacobian_free, expected):
+        assert _rel(found, want) < 1e-12
+    _, exact, _ = gradients(block.config)
+    assert _rel(jacobian_free[0], exact[0]) > 1e-3  # not the gradient of the fixed point

@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 SOLVERS = ('anderson', 'fixed_point')
-BACKWARD_SOLVERS = SOLVERS + ('extrapolated',)  # extrapolation's residual is exact for affine maps only
+# extrapolation's residual is exact for affine maps only; 'jacobian_free' skips the adjoint solve (not exact)
+BACKWARD_SOLVERS = SOLVERS + ('extrapolated', 'jacobian_free')
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,7 +57,8 @@ class FixedPointConvergenceWarning(RuntimeWarning):
 class SolverConfig:
     """Settings of the forward solve (``solver``, ``tol``, ``max_iter``; also used to reconstruct inputs) and of
     the backward linear solve (``backward_tol``, ``backward_max_iter``, ``backward_solver``: ``None`` for the
-    forward's, or ``'extrapolated'``, see :func:`solve_fixed_point`). Tolerances are per-sample relative residuals
+    forward's, ``'extrapolated'`` (see :func:`solve_fixed_point`) or ``'jacobian_free'``, see :func:`implicit_step`).
+    Tolerances are per-sample relative residuals
     ``‖G(y) − y‖ / ‖G(y)‖``; ``anderson_memory`` is the number of past iterates Anderson mixes (or extrapolation
     combines)."""
     solver: str = 'anderson'
@@ -344,7 +346,11 @@ def _implicit_vjp(linearization: Linearization, saved: Sequence[torch.Tensor], g
                   log: SolverStatsLog) -> List[Optional[torch.Tensor]]:
     """Gradients w.r.t. the inputs (``x``, then the parameters) of the fixed point ``y = G(x, y)`` given ``grad``
     w.r.t. ``y``: the adjoint solve ``v = grad + (∂G/∂y)ᵀ v``, i.e. ``(I − ∂G/∂y)ᵀ v = grad``, then one push of
-    ``v`` through ``G`` (w.r.t. the inputs only, nothing more back to ``y``)."""
+    ``v`` through ``G`` (w.r.t. the inputs only, nothing more back to ``y``). With ``backward_solver=
+    'jacobian_free'`` there is no solve: ``v = grad``, and nothing is recorded."""
+    if config.backward_solver == 'jacobian_free':
+        return linearization.input_vjp(saved, grad, needed)
+
     def adjoint_map(v):
         return grad + linearization.state_vjp(saved, v)
 
@@ -407,6 +413,11 @@ def implicit_step(step: ImplicitMap, x: torch.Tensor, params: Sequence[torch.Ten
     large multiple of the outputs' error (ReLU kinks), which is why the output is polished: without it the
     gradients of ``implicit_trapezoid_resnet`` at tolerance 1e-4 were off by ~4e-4, with it by ~1.5e-5. The
     linearisation's tensors are all the step stores.
+
+    ``config.backward_solver='jacobian_free'`` replaces the adjoint solution by ``g`` itself (Fung et al.,
+    "JFB: Jacobian-Free Backpropagation for Implicit Networks", arXiv:2103.12803): the first term of
+    ``v = Σ_k ((∂G/∂y)ᵀ)^k g``. It is not the gradient, but a descent direction when ``G`` contracts strongly
+    enough, at the cost of the push alone; opt-in, never a default.
     """
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _ImplicitStep.apply(step, config, log, x, *params)

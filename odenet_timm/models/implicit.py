@@ -229,7 +229,8 @@ class ImplicitResNet(CifarStagedNet):
             (and input reconstruction), ``backward_tol`` / ``backward_max_iter`` for the backward linear solves.
             Tolerances are per-sample relative residuals. ``backward_solver``: the backward's, if not ``solver``:
             also ``'extrapolated'``, fixed-point iteration whose answer is the reduced-rank extrapolation of its
-            last iterates (the adjoint system is affine, so the extrapolation's residual is exact).
+            last iterates (the adjoint system is affine, so the extrapolation's residual is exact), or
+            ``'jacobian_free'`` (opt-in, not the gradient: the output gradient pushed through one step, no solve).
         memory_efficient: store one tensor per stage in training and reconstruct block inputs in backward
             (θ = ½ only: the symmetric step is the reversible one).
         lipschitz: bound on Lip(F); the forward map contracts by at most ``h·θ·lipschitz``.
