@@ -170,25 +170,32 @@ def test_gradients_when_phi_passes_the_incoming_gradient_through():
         assert torch.equal(a, b)
 
 
-def test_backward_recomputes_every_phi_but_the_last_one_and_all_of_them_when_run_again():
-    """The last coupling's φ graph from forward serves the first backward; a second one (retain_graph)
-    recomputes that φ too, with the same gradients."""
+@pytest.mark.parametrize('keep_last_graph', [True, False])
+def test_backward_recomputes_every_phi_but_the_last_one_and_all_of_them_when_run_again(keep_last_graph):
+    """With keep_last_graph, the last coupling's φ graph from forward serves the first backward; a second one
+    (retain_graph) recomputes that φ too. Without, every backward recomputes every φ. The gradients are the same
+    (bitwise for the two backwards of one forward; to rounding across the options: without, the last coupling's
+    input is reconstructed rather than saved)."""
     steps, inputs = _sequence(), _state()  # couplings 0-2, pooling step 3, couplings 4-6
     runs = []
     for index, step in enumerate(steps):
         if isinstance(step, AdditiveCoupling):
             step.fn.register_forward_hook(lambda module, args, out, index=index: runs.append(index))
-    state = [x.clone().requires_grad_() for x in inputs]
-    loss = sum(o.square().sum() for o in reversible_sequence(list(steps), state))
-    assert runs == [0, 1, 2, 4, 5, 6]
-    runs.clear()
-    first = torch.autograd.grad(loss, state, retain_graph=True)
-    assert runs == [5, 4, 2, 1, 0]
-    runs.clear()
-    second = torch.autograd.grad(loss, state)
-    assert runs == [6, 5, 4, 2, 1, 0]
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    results = []
+    for keep in (keep_last_graph, False):
+        state = [x.clone().requires_grad_() for x in inputs]
+        loss = sum(o.square().sum() for o in reversible_sequence(list(steps), state, keep_last_graph=keep))
+        assert runs == [0, 1, 2, 4, 5, 6]
+        runs.clear()
+        results.append(torch.autograd.grad(loss, state, retain_graph=True))
+        assert runs == ([5, 4, 2, 1, 0] if keep else [6, 5, 4, 2, 1, 0])
+        runs.clear()
+        results.append(torch.autograd.grad(loss, state))
+        assert runs == [6, 5, 4, 2, 1, 0]
+        runs.clear()
+    for first, second in (results[:2], results[2:]):
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+    _assert_close_rel(results[2], results[0], 1e-12)
 
 
 @pytest.mark.parametrize('run_backward', [False, True])

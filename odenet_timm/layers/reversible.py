@@ -20,7 +20,10 @@ once under grad, which gives at the same time the reconstructed input ``x_t`` an
 vector-Jacobian product, the gradients of ``x_s`` and of ``φ``'s parameters (Gomez et al., Algorithm 1).
 Activation memory is therefore that of one ``φ`` plus a few state-sized tensors, whatever the depth; and,
 unless backward runs with ``retain_graph``, each saved entry of the final state is freed as soon as backward has
-reconstructed the input of its step (the first step's output entry before its recomputation).
+reconstructed the input of its step (the first step's output entry before its recomputation). By default
+(``keep_last_graph``) the last coupling, whose backward runs first, is not recomputed: its ``φ`` graph from
+forward is kept (without ``φ``'s output) and its input entry saved in place of its output entry, so one
+recomputation fewer per sequence for one ``φ``'s activations held from forward to backward.
 
 The Function
 
@@ -176,12 +179,13 @@ class ReversibleSequenceFunction(torch.autograd.Function):
     """``(state…, params…) → final state`` through ``steps``, keeping only the final state and the inputs of
     the non-invertible steps for backward (see the module docstring).
 
-    Call as ``ReversibleSequenceFunction.apply(steps, preserve_rng_state, len(state), *state, *params)``
-    with ``steps`` already flattened and ``params`` every parameter of the steps that requires grad.
+    Call as ``ReversibleSequenceFunction.apply(steps, preserve_rng_state, keep_last_graph, len(state), *state,
+    *params)`` with ``steps`` already flattened and ``params`` every parameter of the steps that requires grad.
     """
 
     @staticmethod
-    def forward(ctx, steps: List[Step], preserve_rng_state: bool, num_state: int, *tensors: torch.Tensor):
+    def forward(ctx, steps: List[Step], preserve_rng_state: bool, keep_last_graph: bool, num_state: int,
+                *tensors: torch.Tensor):
         inputs, params = tensors[:num_state], tensors[num_state:]
         device_type = inputs[0].device.type
         ctx.steps = steps
@@ -197,7 +201,8 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         ctx.rng_states = [] if preserve_rng_state else None
         kept, kept_sizes = [], []
         state = tuple(inputs)
-        last_coupling = steps[-1] if isinstance(steps[-1], AdditiveCoupling) else None
+        last_coupling = steps[-1] if keep_last_graph and isinstance(steps[-1], AdditiveCoupling) else None
+        ctx.keep_last_graph = last_coupling is not None
         ctx.last_phi = None
         for index, step in enumerate(steps):
             if preserve_rng_state:
@@ -208,7 +213,7 @@ class ReversibleSequenceFunction(torch.autograd.Function):
             if not isinstance(step, AdditiveCoupling):
                 kept.extend(state)
                 kept_sizes.append(len(state))
-            if last_coupling is not None and index == len(steps) - 1:
+            if last_coupling is not None and index == len(steps) - 1:  # see _coupling_with_graph
                 last_input = state[step.target]
                 state, ctx.last_phi = _coupling_with_graph(step, state)
             else:
@@ -263,14 +268,14 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     ctx.rng_states[index].restore()
                 params = _step_parameters(step)
                 if isinstance(step, AdditiveCoupling):
-                    last = index == len(ctx.steps) - 1
-                    recorded = None
-                    if last:  # its φ graph from forward serves the first backward only: autograd.grad frees it,
-                        recorded, ctx.last_phi = ctx.last_phi, None  # so a backward run again recomputes that φ
+                    # with keep_last_graph, the last step's input is saved, and its φ graph from forward serves
+                    # the first backward only (autograd.grad frees it: a backward run again recomputes that φ)
+                    kept_input = ctx.keep_last_graph and index == len(ctx.steps) - 1
+                    recorded, ctx.last_phi = (ctx.last_phi, None) if kept_input else (None, ctx.last_phi)
                     if index == 0:
                         state[step.target] = None  # nothing needs the sequence's input: let go of it before φ
-                    step_grads = _coupling_backward(step, state, grads, params, reconstruct=0 < index and not last,
-                                                    recorded=recorded)
+                    step_grads = _coupling_backward(step, state, grads, params,
+                                                    reconstruct=index > 0 and not kept_input, recorded=recorded)
                     scale = step.scale  # dθ = γ·J_θᵀ dy_t, scaled as it is accumulated
                 else:
                     size = kept_sizes.pop()
@@ -280,8 +285,8 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     state = [t.detach() for t in step_inputs]
                     del step_inputs
                 accumulate(params, step_grads, scale)
-        input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
-        return (None, None, None, *input_grads, *param_grads)
+        input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[4:])]
+        return (None, None, None, None, *input_grads, *param_grads)
 
 
 def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
@@ -397,13 +402,17 @@ def reversible_sequence(
         state: Sequence[torch.Tensor],
         memory_efficient: bool = True,
         preserve_rng_state: bool = True,
+        keep_last_graph: bool = True,
 ) -> State:
     """Run ``state`` through ``steps`` (``nn.Sequential`` containers expanded).
 
     With ``memory_efficient=True`` and gradients needed, backward reconstructs the activations of the
     :class:`AdditiveCoupling` steps instead of keeping them (see the module docstring); otherwise the steps
     run under plain autograd. ``preserve_rng_state=False`` skips recording the RNG state per step (only
-    safe when no step draws random numbers in training).
+    safe when no step draws random numbers in training). ``keep_last_graph`` (when the last step is a coupling):
+    keep that coupling's ``φ`` graph from forward for backward, which then recomputes one ``φ`` fewer, at the
+    price of holding ``φ``'s activations from this forward until backward reaches the sequence: worth it when
+    nothing big runs in between (a sequence whose backward follows its forward, a network's last stage).
     """
     state = tuple(state)
     if not state or not all(isinstance(t, torch.Tensor) for t in state):
@@ -412,7 +421,8 @@ def reversible_sequence(
     if memory_efficient and torch.is_grad_enabled():
         params = list({id(p): p for step in steps for p in _step_parameters(step)}.values())
         if params or any(t.requires_grad for t in state):
-            return ReversibleSequenceFunction.apply(steps, preserve_rng_state, len(state), *state, *params)
+            return ReversibleSequenceFunction.apply(
+                steps, preserve_rng_state, keep_last_graph, len(state), *state, *params)
     for step in steps:
         state = step(state)
     return state
