@@ -198,6 +198,25 @@ def test_backward_recomputes_every_phi_but_the_last_one_and_all_of_them_when_run
     _assert_close_rel(results[2], results[0], 1e-12)
 
 
+def test_gradients_under_non_reentrant_checkpointing():
+    """torch.utils.checkpoint's saved-tensor hooks around the sequence do not reach the φ graph the last coupling
+    keeps from forward: otherwise backward's autograd.grad on it would recompute the whole checkpointed sequence
+    once more (6 more φ runs; with a context_fn that can be entered once, e.g. checkpoint_blocks', it fails)."""
+    from torch.utils.checkpoint import checkpoint
+    steps, inputs = _sequence(), _state()
+    _, plain, weights = _grads(steps, inputs, memory_efficient=False)
+    runs = []
+    for step in steps:
+        if isinstance(step, AdditiveCoupling):
+            step.fn.register_forward_hook(lambda *args: runs.append(1))
+    state = [x.clone().requires_grad_() for x in inputs]
+    out = checkpoint(lambda *s: reversible_sequence(list(steps), s), *state, use_reentrant=False)
+    params = [p for m in steps for p in m.parameters()]
+    found = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), [*state, *params])
+    _assert_close_rel(found, plain, 1e-8)
+    assert len(runs) == 6 + 6 + 5  # forward, checkpoint's recomputation of it, backward's recomputations
+
+
 @pytest.mark.parametrize('run_backward', [False, True])
 def test_the_graph_kept_from_forward_is_freed_without_the_garbage_collector(run_backward):
     """The last coupling's φ (ending in tanh, which saves its own output) keeps its graph from forward to backward;

@@ -177,7 +177,8 @@ class _RngState:
 
 class ReversibleSequenceFunction(torch.autograd.Function):
     """``(state…, params…) → final state`` through ``steps``, keeping only the final state and the inputs of
-    the non-invertible steps for backward (see the module docstring).
+    the non-invertible steps for backward (with ``keep_last_graph``, the last coupling's input entry in place of
+    its output entry, and its ``φ`` graph; see the module docstring).
 
     Call as ``ReversibleSequenceFunction.apply(steps, preserve_rng_state, keep_last_graph, len(state), *state,
     *params)`` with ``steps`` already flattened and ``params`` every parameter of the steps that requires grad.
@@ -271,7 +272,9 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     # with keep_last_graph, the last step's input is saved, and its φ graph from forward serves
                     # the first backward only (autograd.grad frees it: a backward run again recomputes that φ)
                     kept_input = ctx.keep_last_graph and index == len(ctx.steps) - 1
-                    recorded, ctx.last_phi = (ctx.last_phi, None) if kept_input else (None, ctx.last_phi)
+                    recorded = None
+                    if kept_input:
+                        recorded, ctx.last_phi = ctx.last_phi, None
                     if index == 0:
                         state[step.target] = None  # nothing needs the sequence's input: let go of it before φ
                     step_grads = _coupling_backward(step, state, grads, params,
