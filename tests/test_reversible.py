@@ -300,8 +300,9 @@ def test_stored_activations_do_not_grow_with_depth():
     inputs = _state()
     shallow, deep = _sequence(n=2), _sequence(n=8)
     assert _saved_bytes(shallow, inputs, True) == _saved_bytes(deep, inputs, True)
-    # exactly the final state (2 entries, pooled), the kept input of the pooling step (2 entries), float64, and
-    # what the last coupling's φ saves on its pooled input (its graph from forward, which backward uses)
+    # exactly the final state (2 entries, pooled; the last coupling's input entry in place of its output entry),
+    # the kept input of the pooling step (2 entries), float64, and what the last coupling's φ saves on its pooled
+    # input (its graph from forward, which backward uses)
     n = inputs[0].numel()
     last = deep[-1]
     with counting_saved_bytes() as phi_bytes:
