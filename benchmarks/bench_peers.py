@@ -99,16 +99,18 @@ def _segments(steps):
     return out
 
 
-def reversible_runner(kind, steps, input_is_saved=False):
+def reversible_runner(kind, steps, input_is_saved=False, keep_last_graph=True):
     """``x ↦ y`` on the concatenated halves through ``steps`` by the project, plain autograd, memcnn or revlib.
 
     ``input_is_saved``: another layer saved ``x`` for its backward (a ReLU before the stage), so memcnn must keep
-    the input of its first unit instead of freeing and restoring its storage (which autograd rejects)."""
+    the input of its first unit instead of freeing and restoring its storage (which autograd rejects).
+    ``keep_last_graph``: the project's option of that name (a network sets it on its last stage only)."""
     import torch
     from odenet_timm.layers.reversible import reversible_sequence
 
     if kind in (PROJECT, 'plain autograd'):
-        return lambda x: torch.cat(reversible_sequence(steps, x.chunk(2, dim=1), memory_efficient=kind == PROJECT), 1)
+        return lambda x: torch.cat(reversible_sequence(
+            steps, x.chunk(2, dim=1), memory_efficient=kind == PROJECT, keep_last_graph=keep_last_graph), 1)
     parts = []
     for what, item in _segments(steps):
         if what == 'step':
@@ -191,7 +193,7 @@ def reversible_rows(args, device):
 
     x = torch.randn(args.model_batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.model_batch_size,), device=device)
-    runners = {kind: [reversible_runner(kind, _stage_steps(s), input_is_saved=i == 0)
+    runners = {kind: [reversible_runner(kind, _stage_steps(s), input_is_saved=i == 0, keep_last_graph=s.keep_last_graph)
                       for i, s in enumerate(model.stages)] for kind in variants}
 
     def model_step(kind):

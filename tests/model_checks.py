@@ -1,8 +1,13 @@
 """Helpers shared by the model tests: the same reversible network in memory-efficient and plain mode, its
 reconstruction drift, and what a training forward keeps for backward."""
+from contextlib import contextmanager
+from typing import Iterator, List
+from unittest import mock
+
 import timm
 import torch
 
+from odenet_timm.layers import reversible
 from odenet_timm.layers.reversible import invert_sequence
 
 
@@ -18,15 +23,28 @@ def memory_efficient_and_plain(model_name, **kwargs):
     return rev, plain
 
 
-def saved_bytes(model, x) -> int:
-    """Bytes of the tensors a forward of ``model`` on ``x`` saves for backward."""
+@contextmanager
+def counting_saved_bytes() -> Iterator[List[int]]:
+    """Within the context, the bytes of each tensor saved for backward are appended to the list it yields: those
+    the saved-tensor hooks of the context see, and those the φ graph of a reversible sequence's last coupling keeps
+    through its own hooks (``reversible._detached``), which take precedence over the context's."""
     total = []
 
     def pack(t):
         total.append(t.numel() * t.element_size())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def counted_detached(t):
+        return pack(t).detach()
+
+    with mock.patch.object(reversible, '_detached', counted_detached), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
+
+
+def saved_bytes(model, x) -> int:
+    """Bytes of the tensors a forward of ``model`` on ``x`` saves for backward."""
+    with counting_saved_bytes() as total:
         model(x)
     return sum(total)
 

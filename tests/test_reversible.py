@@ -1,10 +1,13 @@
 """The model-agnostic reversible Function: exact inversion, gradients equal to plain autograd, BatchNorm
 statistics updated once, dropout masks replayed, input gradients, autocast, and O(1) stored activations."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn as nn
+from model_checks import counting_saved_bytes
 
 from odenet_timm.layers.reversible import (
     AdditiveCoupling, ReversibleSequenceFunction, invert_sequence, reversible_sequence,
@@ -167,14 +170,72 @@ def test_gradients_when_phi_passes_the_incoming_gradient_through():
         assert torch.equal(a, b)
 
 
-def test_backward_twice_with_retain_graph():
+@pytest.mark.parametrize('keep_last_graph', [True, False])
+def test_backward_recomputes_every_phi_but_the_last_one_and_all_of_them_when_run_again(keep_last_graph):
+    """With keep_last_graph, the last coupling's φ graph from forward serves the first backward; a second one
+    (retain_graph) recomputes that φ too. Without, every backward recomputes every φ. The gradients are the same
+    (bitwise for the two backwards of one forward; to rounding across the options: without, the last coupling's
+    input is reconstructed rather than saved)."""
+    steps, inputs = _sequence(), _state()  # couplings 0-2, pooling step 3, couplings 4-6
+    runs = []
+    for index, step in enumerate(steps):
+        if isinstance(step, AdditiveCoupling):
+            step.fn.register_forward_hook(lambda module, args, out, index=index: runs.append(index))
+    results = []
+    for keep in (keep_last_graph, False):
+        state = [x.clone().requires_grad_() for x in inputs]
+        loss = sum(o.square().sum() for o in reversible_sequence(list(steps), state, keep_last_graph=keep))
+        assert runs == [0, 1, 2, 4, 5, 6]
+        runs.clear()
+        results.append(torch.autograd.grad(loss, state, retain_graph=True))
+        assert runs == ([5, 4, 2, 1, 0] if keep else [6, 5, 4, 2, 1, 0])
+        runs.clear()
+        results.append(torch.autograd.grad(loss, state))
+        assert runs == [6, 5, 4, 2, 1, 0]
+        runs.clear()
+    for first, second in (results[:2], results[2:]):
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+    _assert_close_rel(results[2], results[0], 1e-12)
+
+
+def test_gradients_under_non_reentrant_checkpointing():
+    """torch.utils.checkpoint's saved-tensor hooks around the sequence do not reach the φ graph the last coupling
+    keeps from forward: otherwise backward's autograd.grad on it would recompute the whole checkpointed sequence
+    once more (6 more φ runs; with a context_fn that can be entered once, e.g. checkpoint_blocks', it fails)."""
+    from torch.utils.checkpoint import checkpoint
     steps, inputs = _sequence(), _state()
+    _, plain, weights = _grads(steps, inputs, memory_efficient=False)
+    runs = []
+    for step in steps:
+        if isinstance(step, AdditiveCoupling):
+            step.fn.register_forward_hook(lambda *args: runs.append(1))
     state = [x.clone().requires_grad_() for x in inputs]
-    loss = sum(o.square().sum() for o in reversible_sequence(list(steps), state))
-    first = torch.autograd.grad(loss, state, retain_graph=True)
-    second = torch.autograd.grad(loss, state)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    out = checkpoint(lambda *s: reversible_sequence(list(steps), s), *state, use_reentrant=False)
+    params = [p for m in steps for p in m.parameters()]
+    found = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), [*state, *params])
+    _assert_close_rel(found, plain, 1e-8)
+    assert len(runs) == 6 + 6 + 5  # forward, checkpoint's recomputation of it, backward's recomputations
+
+
+@pytest.mark.parametrize('run_backward', [False, True])
+def test_the_graph_kept_from_forward_is_freed_without_the_garbage_collector(run_backward):
+    """The last coupling's φ (ending in tanh, which saves its own output) keeps its graph from forward to backward;
+    it is freed by backward, or with the outputs when no backward runs, by reference counting alone."""
+    last = _fn().double()
+    outputs = []
+    last.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out.untyped_storage())))
+    steps = [AdditiveCoupling(_fn().double(), target=0, source=1), AdditiveCoupling(last, target=1, source=0)]
+    state = [x.clone().requires_grad_() for x in _state()]
+    gc.disable()
+    try:
+        out = reversible_sequence(steps, state)
+        assert outputs[0]() is not None
+        if run_backward:
+            torch.autograd.grad(sum(o.sum() for o in out), state)
+        del out
+        assert len(outputs) == 1 and outputs[0]() is None
+    finally:
+        gc.enable()
 
 
 class Probe(nn.Module):
@@ -192,21 +253,24 @@ class Probe(nn.Module):
 
 
 @pytest.mark.parametrize('retain_graph', [False, True])
-def test_saved_final_state_is_freed_as_soon_as_backward_has_reconstructed_it(retain_graph):
-    """Backward frees each saved output entry once the walk has replaced it (without retain_graph), and lets go
-    of the first step's output before its recomputation; with retain_graph every saved entry stays alive."""
-    import weakref
+def test_saved_state_is_freed_as_soon_as_backward_no_longer_needs_it(retain_graph):
+    """The Function saves the final state with the last coupling's output entry replaced by that coupling's input,
+    so that output entry goes with the outputs. Backward frees each saved entry once the walk has replaced it
+    (without retain_graph) and lets go of the first step's output before its recomputation; with retain_graph
+    every saved entry stays alive."""
     probe = Probe()
     steps = [AdditiveCoupling(probe, target=0, source=1), AdditiveCoupling(_fn().double(), target=1, source=0),
              AdditiveCoupling(_fn().double(), target=0, source=1)]
     state = [x.clone().requires_grad_() for x in _state()]
     out = reversible_sequence(steps, state)
-    loss = sum(o.sum() for o in out)  # a sum saves nothing: the Function's saved tensors hold the outputs
-    probe.watched = [weakref.ref(o.untyped_storage()) for o in out]
+    loss = sum(o.sum() for o in out)  # a sum saves nothing: the Function's saved tensors alone hold the state
+    last_output = weakref.ref(out[0].untyped_storage())
+    probe.watched = [weakref.ref(t.untyped_storage()) for t in out[0].grad_fn.saved_tensors]
     del out
-    assert sum(ref() is not None for ref in probe.watched) == 2
+    assert last_output() is None and sum(ref() is not None for ref in probe.watched) == 2
     grads = torch.autograd.grad(loss, state, retain_graph=retain_graph)
-    # φ of step 0 ran last: x₀'s output entry (step 2's) was reconstructed by step 2, x₁'s (step 1's) by step 1
+    # φ of step 0 ran last: step 2 needed no reconstruction (its input x₀ is saved, dropped before step 0's φ),
+    # step 1 reconstructed x₁ from its saved output
     assert probe.alive_when_recomputed == ([2] if retain_graph else [0])
     assert all(g.abs().sum() > 0 for g in grads)
 
@@ -226,13 +290,7 @@ def test_not_used_when_no_gradient_is_needed(monkeypatch):
 
 
 def _saved_bytes(steps, inputs, memory_efficient):
-    total = []
-
-    def pack(t):
-        total.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counting_saved_bytes() as total:
         reversible_sequence(list(steps), [x.clone().requires_grad_() for x in inputs],
                             memory_efficient=memory_efficient)
     return sum(total)
@@ -242,9 +300,15 @@ def test_stored_activations_do_not_grow_with_depth():
     inputs = _state()
     shallow, deep = _sequence(n=2), _sequence(n=8)
     assert _saved_bytes(shallow, inputs, True) == _saved_bytes(deep, inputs, True)
-    # exactly the final state (2 entries, pooled) and the kept input of the pooling step (2 entries), float64
+    # exactly the final state (2 entries, pooled; the last coupling's input entry in place of its output entry),
+    # the kept input of the pooling step (2 entries), float64, and what the last coupling's φ saves on its pooled
+    # input (its graph from forward, which backward uses)
     n = inputs[0].numel()
-    assert _saved_bytes(deep, inputs, True) == 8 * (2 * (n // 4) + 2 * n)
+    last = deep[-1]
+    with counting_saved_bytes() as phi_bytes:
+        last.fn(torch.randn(3, C, 4, 4, dtype=torch.float64, requires_grad=True))
+    assert sum(phi_bytes) > 8 * n // 4
+    assert _saved_bytes(deep, inputs, True) == 8 * (2 * (n // 4) + 2 * n) + sum(phi_bytes)
     assert _saved_bytes(deep, inputs, False) > 3 * _saved_bytes(shallow, inputs, False)
 
 
@@ -271,4 +335,5 @@ def test_autocast_bfloat16_runs_and_stays_close_to_plain():
         state = [x.clone().requires_grad_() for x in inputs]
         out = reversible_sequence(list(steps), state)
     sum(o.sum() for o in out).backward()
-    assert len(dtypes) == 2 * 6 and set(dtypes) == {torch.bfloat16}
+    # 6 in forward, 5 in backward (the last coupling's φ is not recomputed)
+    assert len(dtypes) == 6 + 5 and set(dtypes) == {torch.bfloat16}

@@ -20,7 +20,10 @@ once under grad, which gives at the same time the reconstructed input ``x_t`` an
 vector-Jacobian product, the gradients of ``x_s`` and of ``φ``'s parameters (Gomez et al., Algorithm 1).
 Activation memory is therefore that of one ``φ`` plus a few state-sized tensors, whatever the depth; and,
 unless backward runs with ``retain_graph``, each saved entry of the final state is freed as soon as backward has
-reconstructed the input of its step (the first step's output entry before its recomputation).
+reconstructed the input of its step (the first step's output entry before its recomputation). By default
+(``keep_last_graph``) the last coupling, whose backward runs first, is not recomputed: its ``φ`` graph from
+forward is kept (without ``φ``'s output) and its input entry saved in place of its output entry, so one
+recomputation fewer per sequence for one ``φ``'s activations held from forward to backward.
 
 The Function
 
@@ -174,14 +177,16 @@ class _RngState:
 
 class ReversibleSequenceFunction(torch.autograd.Function):
     """``(state…, params…) → final state`` through ``steps``, keeping only the final state and the inputs of
-    the non-invertible steps for backward (see the module docstring).
+    the non-invertible steps for backward (with ``keep_last_graph``, the last coupling's input entry in place of
+    its output entry, and its ``φ`` graph; see the module docstring).
 
-    Call as ``ReversibleSequenceFunction.apply(steps, preserve_rng_state, len(state), *state, *params)``
-    with ``steps`` already flattened and ``params`` every parameter of the steps that requires grad.
+    Call as ``ReversibleSequenceFunction.apply(steps, preserve_rng_state, keep_last_graph, len(state), *state,
+    *params)`` with ``steps`` already flattened and ``params`` every parameter of the steps that requires grad.
     """
 
     @staticmethod
-    def forward(ctx, steps: List[Step], preserve_rng_state: bool, num_state: int, *tensors: torch.Tensor):
+    def forward(ctx, steps: List[Step], preserve_rng_state: bool, keep_last_graph: bool, num_state: int,
+                *tensors: torch.Tensor):
         inputs, params = tensors[:num_state], tensors[num_state:]
         device_type = inputs[0].device.type
         ctx.steps = steps
@@ -197,7 +202,10 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         ctx.rng_states = [] if preserve_rng_state else None
         kept, kept_sizes = [], []
         state = tuple(inputs)
-        for step in steps:
+        last_coupling = steps[-1] if keep_last_graph and isinstance(steps[-1], AdditiveCoupling) else None
+        ctx.keep_last_graph = last_coupling is not None
+        ctx.last_phi = None
+        for index, step in enumerate(steps):
             if preserve_rng_state:
                 # Steps that draw no random numbers share one record: no long-lived small allocation per step
                 # in between the large temporaries (heap fragmentation inflates the resident set on CPU).
@@ -206,7 +214,11 @@ class ReversibleSequenceFunction(torch.autograd.Function):
             if not isinstance(step, AdditiveCoupling):
                 kept.extend(state)
                 kept_sizes.append(len(state))
-            state = step(state)
+            if last_coupling is not None and index == len(steps) - 1:  # see _coupling_with_graph
+                last_input = state[step.target]
+                state, ctx.last_phi = _coupling_with_graph(step, state)
+            else:
+                state = step(state)
         # An entry no step touched is still an input tensor; a Function must return new tensors.
         seen = {id(t) for t in inputs}
         outputs = []
@@ -215,7 +227,12 @@ class ReversibleSequenceFunction(torch.autograd.Function):
             seen.add(id(outputs[-1]))
         ctx.num_outputs = len(outputs)
         ctx.kept_sizes = kept_sizes
-        ctx.save_for_backward(*outputs, *kept)
+        # The last coupling's input entry is saved in place of its output entry (the same size): backward then needs
+        # neither to reconstruct it nor φ(x_s), and φ's graph from forward is kept without its output.
+        final = list(outputs)
+        if last_coupling is not None:
+            final[last_coupling.target] = last_input
+        ctx.save_for_backward(*final, *kept)
         return tuple(outputs)
 
     @staticmethod
@@ -229,7 +246,7 @@ class ReversibleSequenceFunction(torch.autograd.Function):
         ctx.maybe_clear_saved_tensors()
         # Nothing saved or received is written to, and no state-sized copy is made: each coupling writes its
         # reconstructed input into the buffer of its recomputed φ(x_s), and the new gradient of x_s into the buffer
-        # autograd returned for φ's input gradient.
+        # autograd returned for φ's input gradient. The last coupling's input is saved (see forward).
         state = [t.detach() for t in saved[:ctx.num_outputs]]
         kept = list(saved[ctx.num_outputs:])
         del saved
@@ -252,8 +269,16 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     ctx.rng_states[index].restore()
                 params = _step_parameters(step)
                 if isinstance(step, AdditiveCoupling):
-                    # nothing needs the sequence's input: the first step does not reconstruct it
-                    step_grads = _coupling_backward(step, state, grads, params, reconstruct=index > 0)
+                    # with keep_last_graph, the last step's input is saved, and its φ graph from forward serves
+                    # the first backward only (autograd.grad frees it: a backward run again recomputes that φ)
+                    kept_input = ctx.keep_last_graph and index == len(ctx.steps) - 1
+                    recorded = None
+                    if kept_input:
+                        recorded, ctx.last_phi = ctx.last_phi, None
+                    if index == 0:
+                        state[step.target] = None  # nothing needs the sequence's input: let go of it before φ
+                    step_grads = _coupling_backward(step, state, grads, params,
+                                                    reconstruct=index > 0 and not kept_input, recorded=recorded)
                     scale = step.scale  # dθ = γ·J_θᵀ dy_t, scaled as it is accumulated
                 else:
                     size = kept_sizes.pop()
@@ -263,8 +288,8 @@ class ReversibleSequenceFunction(torch.autograd.Function):
                     state = [t.detach() for t in step_inputs]
                     del step_inputs
                 accumulate(params, step_grads, scale)
-        input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])]
-        return (None, None, None, *input_grads, *param_grads)
+        input_grads = [g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[4:])]
+        return (None, None, None, None, *input_grads, *param_grads)
 
 
 def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
@@ -274,29 +299,60 @@ def _non_leaf(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.view_as(leaf)
 
 
-def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct: bool = True):
-    """Reconstruct the coupling's input from its output and push the gradients through it, replacing the
-    entries of the (backward's own) ``state`` and ``grads`` lists; the tensors they held are not written to.
-    ``reconstruct=False`` (the caller no longer needs the input) lets go of ``state[t]`` before recomputing
-    ``φ`` instead, so that it is not held through the recomputation and its vector-Jacobian product.
+def _phi_with_graph(step: AdditiveCoupling, x_source: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x_s, φ(x_s))`` with ``φ`` recorded under grad from ``x_s`` as a new leaf that requires grad."""
+    x_source = x_source.detach().requires_grad_()
+    with torch.enable_grad():
+        return x_source, step.fn(_non_leaf(x_source))
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """Saved-tensor hook (pack and unpack) that stores the tensor itself, without its ``grad_fn``: a tensor
+    saved by the operation that made it then holds no reference cycle and is freed without the garbage
+    collector."""
+    return t.detach()
+
+
+RecordedPhi = Tuple[torch.Tensor, torch.autograd.graph.GradientEdge, torch.dtype]
+
+
+def _coupling_with_graph(step: AdditiveCoupling, state: State) -> Tuple[State, RecordedPhi]:
+    """The coupling's output state, and ``(x_s, φ's gradient edge, φ's dtype)``: ``φ(x_s)``'s graph without the
+    tensor ``φ(x_s)`` itself, for backward to use instead of a recomputation. The graph keeps its saved tensors
+    itself (inner saved-tensor hooks take precedence over the caller's): the hooks of a non-reentrant
+    ``torch.utils.checkpoint`` around the sequence would otherwise replace them by a recomputation that the
+    nested ``autograd.grad`` of backward cannot trigger."""
+    with torch.autograd.graph.saved_tensors_hooks(_detached, _detached):
+        x_source, fx = _phi_with_graph(step, state[step.source])
+    out = list(state)
+    out[step.target] = step.combine(state[step.target], state[step.source], fx.detach())
+    return tuple(out), (x_source, torch.autograd.graph.get_gradient_edge(fx), fx.dtype)
+
+
+def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct: bool = True,
+                       recorded: Optional[RecordedPhi] = None):
+    """Push the gradients through the coupling, replacing the entries of the (backward's own) ``state`` and
+    ``grads`` lists; the tensors they held are not written to. ``reconstruct``: ``state[t]`` holds the
+    coupling's output, replaced by its input reconstructed from ``φ(x_s)``; otherwise it holds the input
+    already (or ``None``: the caller does not need it). ``φ(x_s)`` is recomputed, or its graph from forward
+    taken from ``recorded`` (see :func:`_coupling_with_graph`; it cannot reconstruct).
     Returns the parameter gradients ``J_θᵀ dy_t`` of ``φ``, not yet multiplied by ``γ``."""
     t, s = step.target, step.source
-    if not reconstruct:
-        state[t] = None
-    x_source = state[s].detach().requires_grad_()
     grad_target = grads[t]
-    # Buffers are restored only after autograd.grad: BatchNorm saves its running statistics for backward.
-    with _buffers_restored(step):
-        with torch.enable_grad():
-            fx = step.fn(_non_leaf(x_source))
-        found = _private(torch.autograd.grad(
-            fx, [x_source, *params], grad_outputs=grad_target.to(fx.dtype), allow_unused=True), grads)
-    if reconstruct:
-        fx = fx.detach()
-        if fx.dtype != state[t].dtype or fx.untyped_storage().data_ptr() == x_source.untyped_storage().data_ptr():
-            fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) its input
-        state[t] = step.uncombine(state[t], state[s], fx)
-    del fx
+    if recorded is not None:  # φ ran in forward, the one run that updates the buffers
+        x_source, fx_edge, dtype = recorded
+        found = _phi_vjp(fx_edge, dtype, x_source, params, grad_target, grads)
+    else:
+        # Buffers are restored only after autograd.grad: BatchNorm saves its running statistics for backward.
+        with _buffers_restored(step):
+            x_source, fx = _phi_with_graph(step, state[s])
+            found = _phi_vjp(fx, fx.dtype, x_source, params, grad_target, grads)
+        if reconstruct:
+            fx = fx.detach()
+            if fx.dtype != state[t].dtype or fx.untyped_storage().data_ptr() == x_source.untyped_storage().data_ptr():
+                fx = fx.to(state[t].dtype, copy=True)  # autocast's lower precision, or φ returned (a view of) x_s
+            state[t] = step.uncombine(state[t], state[s], fx)
+        del fx
     # y_t = ±x_t + β·x_s + γ·φ(x_s):  dx_t = ±dy_t,  dx_s = dy_s + β·dy_t + γ·J_φᵀ dy_t,  dθ = γ·J_θᵀ dy_t
     grad_source = grads[s] if found[0] is None else torch.add(grads[s], found[0], alpha=step.scale, out=found[0])
     if step.source_scale:
@@ -306,6 +362,13 @@ def _coupling_backward(step: AdditiveCoupling, state, grads, params, reconstruct
     if step.negate_target:
         grads[t] = -grad_target
     return found[1:]  # J_θᵀ dy_t: the caller accumulates γ times it
+
+
+def _phi_vjp(fx, dtype, x_source, params, grad_target, grads):
+    """``(J_φᵀ dy_t w.r.t. x_s, then each parameter)`` through the graph of ``fx`` (a tensor or its gradient
+    edge), each gradient a tensor of its own (see :func:`_private`)."""
+    return _private(torch.autograd.grad(
+        fx, [x_source, *params], grad_outputs=grad_target.to(dtype), allow_unused=True), grads)
 
 
 def _recompute_backward(step: Step, step_inputs, grads, params):
@@ -342,13 +405,17 @@ def reversible_sequence(
         state: Sequence[torch.Tensor],
         memory_efficient: bool = True,
         preserve_rng_state: bool = True,
+        keep_last_graph: bool = True,
 ) -> State:
     """Run ``state`` through ``steps`` (``nn.Sequential`` containers expanded).
 
     With ``memory_efficient=True`` and gradients needed, backward reconstructs the activations of the
     :class:`AdditiveCoupling` steps instead of keeping them (see the module docstring); otherwise the steps
     run under plain autograd. ``preserve_rng_state=False`` skips recording the RNG state per step (only
-    safe when no step draws random numbers in training).
+    safe when no step draws random numbers in training). ``keep_last_graph`` (when the last step is a coupling):
+    keep that coupling's ``φ`` graph from forward for backward, which then recomputes one ``φ`` fewer, at the
+    price of holding ``φ``'s activations from this forward until backward reaches the sequence: worth it when
+    nothing big runs in between (a sequence whose backward follows its forward, a network's last stage).
     """
     state = tuple(state)
     if not state or not all(isinstance(t, torch.Tensor) for t in state):
@@ -357,7 +424,8 @@ def reversible_sequence(
     if memory_efficient and torch.is_grad_enabled():
         params = list({id(p): p for step in steps for p in _step_parameters(step)}.values())
         if params or any(t.requires_grad for t in state):
-            return ReversibleSequenceFunction.apply(steps, preserve_rng_state, len(state), *state, *params)
+            return ReversibleSequenceFunction.apply(
+                steps, preserve_rng_state, keep_last_graph, len(state), *state, *params)
     for step in steps:
         state = step(state)
     return state

@@ -40,7 +40,8 @@ reversible stage, so nothing random is recomputed.
 
 Memory-efficient training (``memory_efficient=True``, the default): each stage runs through
 :func:`odenet_timm.layers.reversible.reversible_sequence`, which keeps only the stage's final state and the
-input of its transition and reconstructs every unit's input in backward. ``smoothness_loss()`` gives the
+input of its transition and reconstructs every unit's input in backward (the last stage also keeps its last
+coupling's graph, which backward uses instead of a recomputation). ``smoothness_loss()`` gives the
 weight smoothness decay ``Σ ½‖K_{j+1} − K_j‖²`` between consecutive units of a stage.
 """
 import math
@@ -228,6 +229,11 @@ class ReversibleStage(nn.ModuleList):
     ``split='halves'``: the state is the two channel halves of the input and the output their
     concatenation (Hamiltonian). ``split='pair'``: the state starts as ``(x, x)`` (``Y_{−1} = Y_0``) and the
     output is the entry the last unit wrote (MidPoint / Leapfrog).
+
+    ``keep_last_graph``: the last coupling's ``φ`` graph is kept from forward to backward instead of recomputed
+    (:func:`~odenet_timm.layers.reversible.reversible_sequence`). The networks set it on their last stage only,
+    whose backward follows its forward after the head alone; an earlier stage's kept graph would be held through
+    every later stage, raising the step's peak memory for one recomputation saved among dozens.
     """
 
     def __init__(
@@ -236,11 +242,13 @@ class ReversibleStage(nn.ModuleList):
             split: str,
             pad: Optional[int] = None,
             memory_efficient: bool = True,
+            keep_last_graph: bool = True,
     ):
         super().__init__(units)
         self.split = split
         self.pad = pad
         self.memory_efficient = memory_efficient
+        self.keep_last_graph = keep_last_graph
 
     def transition(self, state: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
         """Not invertible: memory-efficient mode keeps its input."""
@@ -250,7 +258,8 @@ class ReversibleStage(nn.ModuleList):
         state = x.chunk(2, dim=1) if self.split == 'halves' else (x, x)
         units = list(self)
         steps = units if self.pad is None else [units[0], self.transition, *units[1:]]
-        state = reversible_sequence(steps, state, memory_efficient=self.memory_efficient)
+        state = reversible_sequence(steps, state, memory_efficient=self.memory_efficient,
+                                    keep_last_graph=self.keep_last_graph)
         return torch.cat(state, dim=1) if self.split == 'halves' else state[self[-1].target]
 
 
@@ -326,7 +335,8 @@ class HamiltonianNet(CifarStagedNet):
                     units.append(unit_cls(unit_width, h, block_norm, parity=unit_idx % 2, layer=layer))
             pad = None if stage_idx == 0 else (width - in_width) // granularity
             stages.append(ReversibleStage(
-                units, split='halves' if halves else 'pair', pad=pad, memory_efficient=memory_efficient))
+                units, split='halves' if halves else 'pair', pad=pad, memory_efficient=memory_efficient,
+                keep_last_graph=stage_idx == len(layers) - 1))
             in_width = width
 
         super().__init__(

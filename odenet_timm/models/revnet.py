@@ -24,7 +24,8 @@ first unit of stage 1, although that unit keeps the shape; here it is reversible
 
 Memory-efficient training (``memory_efficient=True``, the default): each stage runs through
 :func:`odenet_timm.layers.reversible.reversible_sequence`, which keeps only the stage's output and the input
-of its downsampling unit and reconstructs every other unit's input in backward; BatchNorm statistics are
+of its downsampling unit and reconstructs every other unit's input in backward (the last stage also keeps its
+last coupling's graph, which backward uses instead of a recomputation); BatchNorm statistics are
 updated once per step. ``memory_efficient=False`` is plain autograd.
 """
 from typing import Tuple
@@ -108,7 +109,8 @@ class RevNet(CifarStagedNet):
             units = [RevNetUnit(half, first=stage_idx == unit_idx == 0) for unit_idx in range(depth)]
             if stage_idx > 0:
                 units[0] = RevNetDownsampleUnit(widths[stage_idx - 1] // 2, half)
-            stages.append(ReversibleStage(units, split='halves', memory_efficient=memory_efficient))
+            stages.append(ReversibleStage(units, split='halves', memory_efficient=memory_efficient,
+                                          keep_last_graph=stage_idx == len(layers) - 1))
 
         super().__init__(
             stem=ConvStem(in_chans, widths[0], norm=True),
