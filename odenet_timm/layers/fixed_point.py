@@ -153,8 +153,8 @@ def solve_fixed_point(
     mask_shape = (-1,) + (1,) * (x0.dim() - 1)
     mixing = memory > 1 and not extrapolate
     slots = min(memory, max_iter)
-    # the residuals r_i = g(x_i) − x_i of the last `slots` evaluations, written in place (one buffer per solve)
-    residuals = x0.new_empty(batch, slots, dim)
+    if slots > 1:  # the residuals r_i = g(x_i) − x_i of the last `slots` evaluations
+        residuals = x0.new_empty(batch, slots, dim)
     if mixing:  # Anderson: the images g(x_i) too, and the residuals' Gram matrix
         images = x0.new_empty(batch, slots, dim)
         gram = x0.new_zeros(batch, slots, slots)
@@ -176,8 +176,10 @@ def solve_fixed_point(
     for iterations in range(1, max_iter + 1):
         gx = g(x)
         slot, n = (iterations - 1) % slots, min(iterations, slots)
-        r = torch.sub(gx, x, out=residuals[:, slot].view(x0.shape))
+        r = gx - x  # not computed into the buffer with out=: forward-mode AD (Jacobian analysis) refuses out=
         keep_better(x, gx, _relative_residual(r, gx))
+        if slots > 1:
+            residuals[:, slot] = r.flatten(1)
         if extrapolate:
             kept_images[slot] = gx
         if best_res.max() <= tol:
