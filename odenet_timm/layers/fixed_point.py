@@ -37,8 +37,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    'SOLVERS', 'BACKWARD_SOLVERS', 'SolverConfig', 'SolverStats', 'SolverStatsLog', 'FixedPointConvergenceWarning', 'ImplicitMap',
-    'Linearization', 'LinearizableMap', 'GraphLinearization', 'linearize', 'solve_fixed_point', 'implicit_step',
+    'SOLVERS', 'BACKWARD_SOLVERS', 'SolverConfig', 'SolverStats', 'SolverStatsLog', 'FixedPointConvergenceWarning',
+    'ImplicitMap', 'Linearization', 'LinearizableMap', 'GraphLinearization', 'linearize', 'solve_fixed_point', 'implicit_step',
     'reconstruct_input', 'reversible_implicit_chain',
 ]
 
@@ -57,10 +57,9 @@ class FixedPointConvergenceWarning(RuntimeWarning):
 class SolverConfig:
     """Settings of the forward solve (``solver``, ``tol``, ``max_iter``; also used to reconstruct inputs) and of
     the backward linear solve (``backward_tol``, ``backward_max_iter``, ``backward_solver``: ``None`` for the
-    forward's, ``'extrapolated'`` (see :func:`solve_fixed_point`) or ``'jacobian_free'``, see :func:`implicit_step`).
-    Tolerances are per-sample relative residuals
-    ``‖G(y) − y‖ / ‖G(y)‖``; ``anderson_memory`` is the number of past iterates Anderson mixes (or extrapolation
-    combines)."""
+    forward's, ``'extrapolated'`` (see :func:`solve_fixed_point`) or ``'jacobian_free'`` (see
+    :func:`implicit_step`)). Tolerances are per-sample relative residuals ``‖G(y) − y‖ / ‖G(y)‖``;
+    ``anderson_memory`` is the number of past iterates Anderson mixes (or extrapolation combines)."""
     solver: str = 'anderson'
     tol: float = 1e-4
     max_iter: int = 30
@@ -95,7 +94,8 @@ class SolverConfig:
         return self._method(self.backward_solver or self.solver)
 
     def _method(self, solver: str) -> Dict[str, object]:
-        return dict(memory=1 if solver == 'fixed_point' else self.anderson_memory, extrapolate=solver == 'extrapolated')
+        return dict(memory=1 if solver == 'fixed_point' else self.anderson_memory,
+                    extrapolate=solver == 'extrapolated')
 
 
 @dataclass(frozen=True)
@@ -336,8 +336,8 @@ def linearize(g: TensorMap, y: torch.Tensor,
     return own(y) if own is not None else GraphLinearization.record(g, y, inputs)
 
 
-def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int, method: Dict[str, object],
-           log: SolverStatsLog) -> Tuple[torch.Tensor, torch.Tensor]:
+def _solve(kind: str, name: str, g: TensorMap, x0: torch.Tensor, tol: float, max_iter: int,
+           method: Dict[str, object], log: SolverStatsLog) -> Tuple[torch.Tensor, torch.Tensor]:
     x, gx, stats = solve_fixed_point(g, x0.detach(), tol, max_iter, **method)
     log.record(kind, name, stats)
     return x, gx
